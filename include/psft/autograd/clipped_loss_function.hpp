@@ -1,0 +1,78 @@
+#pragma once
+/// \file
+/// The custom autograd Function of the clipped objective. Forward runs one
+/// backend pass that also produces the gradient coefficients; backward is a
+/// single pass over them. Saves only the coefficients and the reduction's
+/// scale, not the inputs.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include "psft/backend.hpp"
+#include "psft/composed/clipped_loss.hpp"
+#include "psft/core/config.hpp"
+#include "psft/cpu/clipped_loss.hpp"
+#include "psft/detail/clipped_loss_types.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace detail {
+
+/// Runs the chosen backend's forward.
+inline ClippedLossOutputs run_clipped_loss_forward(const ClippedLossInputs& in,
+                                                   const LossOptions& opts, Backend backend,
+                                                   bool need_grad) {
+  if (backend == Backend::FusedCpu) return cpu::clipped_loss_forward(in, opts, need_grad);
+  TORCH_CHECK(backend == Backend::Composed, in.api, ": backend ", backend_name(backend),
+              " is not available in this build");
+  return composed::clipped_loss_forward(in, opts, need_grad);
+}
+
+}  // namespace detail
+
+namespace autograd {
+
+/// loss, metrics = ClippedLossFunction::apply(logp, &inputs, &options, backend)
+/// Gradient flows to logp only; old_logp, advantages and mask are constants.
+class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& logp,
+                                                const detail::ClippedLossInputs* inputs,
+                                                const LossOptions* opts, Backend backend) {
+    (void)logp;  // also inputs->logp; passed separately so autograd sees the edge
+    detail::ClippedLossOutputs out =
+        detail::run_clipped_loss_forward(*inputs, *opts, backend, /*need_grad=*/true);
+    ctx->saved_data["coef"] = out.coef;
+    ctx->saved_data["scale"] = out.scale;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(inputs->logp.scalar_type());
+    ctx->saved_data["fused_cpu"] = backend == Backend::FusedCpu;
+    ctx->mark_non_differentiable({out.metrics});
+    return {out.loss, out.metrics};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),
+                "psft: the clipped loss does not support double backward "
+                "(backward with create_graph=true)");
+    const at::Tensor& grad_loss = grads[0];
+    at::Tensor grad_logp;  // undefined: no gradient reached the loss
+    if (grad_loss.defined()) {
+      const at::Tensor coef = ctx->saved_data["coef"].toTensor();
+      const at::Tensor scale = ctx->saved_data["scale"].toTensor();
+      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+      grad_logp = ctx->saved_data["fused_cpu"].toBool()
+                      ? cpu::clipped_loss_backward(coef, scale, grad_loss, dtype)
+                      : composed::clipped_loss_backward(coef, scale, grad_loss, dtype);
+    }
+    return {grad_logp,    // logp
+            at::Tensor(),  // inputs (not a tensor)
+            at::Tensor(),  // opts (not a tensor)
+            at::Tensor()};  // backend (not a tensor)
+  }
+};
+
+}  // namespace autograd
+PSFT_NAMESPACE_END

@@ -1,0 +1,157 @@
+#pragma once
+/// \file
+/// The composed backend of the clipped objective: the same math as
+/// core/clipped_objective.hpp written with ATen ops, so it runs on any device
+/// (CUDA without psft's CUDA translation unit, MPS, ...), without a
+/// host-device synchronisation.
+///
+/// Note [Composed path mirrors core]
+/// This file restates core::clipped_objective_from_ratio and the reductions
+/// of core/reduction.hpp as tensor expressions. Any change to the formula
+/// there must be made here too; the tests run both backends against the
+/// same independent reference, so a drift fails them.
+
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+#include "psft/core/config.hpp"
+#include "psft/core/metrics.hpp"
+#include "psft/detail/clipped_loss_types.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace composed {
+
+/// Per-token terms of the objective as [rows, cols] tensors.
+struct TokenTerms {
+  at::Tensor weight, valid, advantage;
+  at::Tensor clamped, ratio, token_loss;
+  at::Tensor clipped, clipped_dual, trusted;
+};
+
+/// core::clipped_objective on whole tensors (Note [Composed path mirrors core]).
+inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const ClipOptions& c) {
+  const at::ScalarType acc = detail::accumulate_type(in.logp.scalar_type());
+  // Work on [rows, cols] views in the accumulation dtype.
+  const auto as_rows = [&](const at::Tensor& t) { return t.reshape({in.rows, in.cols}).to(acc); };
+  const at::Tensor logp = as_rows(in.logp);
+  TokenTerms t;
+  t.weight = in.mask.defined() ? as_rows(in.mask) : at::ones({in.rows, in.cols}, logp.options());
+  t.advantage = in.advantages.defined() ? as_rows(in.advantages) : at::ones_like(logp);
+  t.valid = t.weight != 0;
+  const at::Tensor log_ratio = logp - as_rows(in.old_logp);
+  const double bound = c.log_ratio_clamp;
+  const at::Tensor in_range = at::logical_and(log_ratio >= -bound, log_ratio <= bound);
+  t.clamped = log_ratio.clamp(-bound, bound);
+  t.ratio = t.clamped.exp();
+  const at::Tensor loss_unclipped = -t.advantage * t.ratio;
+  const at::Tensor loss_clipped = -t.advantage * t.ratio.clamp(1.0 - c.eps_low, 1.0 + c.eps_high);
+  t.clipped = loss_clipped > loss_unclipped;
+  t.token_loss = at::where(t.clipped, loss_clipped, loss_unclipped);
+  t.clipped_dual = at::zeros_like(t.clipped);
+  if (c.dual_clip) {
+    const at::Tensor cap = -t.advantage * *c.dual_clip;
+    t.clipped_dual = at::logical_and(t.advantage < 0, t.token_loss > cap);
+    t.token_loss = at::where(t.clipped_dual, cap, t.token_loss);
+  }
+  t.trusted = at::logical_and(in_range, ~at::logical_or(t.clipped, t.clipped_dual));
+  return t;
+}
+
+/// Forward: loss, metrics and (when need_grad) the gradient coefficients.
+inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLossInputs& in,
+                                                       const LossOptions& opts, bool need_grad) {
+  const at::ScalarType acc = detail::accumulate_type(in.logp.scalar_type());
+  const ClipOptions& c = opts.clip;
+  const TokenTerms t = token_terms(in, c);
+  const at::Tensor& weight = t.weight;
+  const at::Tensor& valid = t.valid;
+  const at::Tensor& advantage = t.advantage;
+  const at::Tensor& ratio = t.ratio;
+  const at::Tensor& clamped = t.clamped;
+
+  if (opts.check_finite) {  // one synchronisation on an accelerator (see LossOptions)
+    const at::Tensor old_logp = in.old_logp.reshape({in.rows, in.cols});
+    TORCH_CHECK(at::logical_or(old_logp.isfinite(), ~valid).all().item<bool>(), in.api,
+                ": old_logp has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
+    TORCH_CHECK(at::logical_or(advantage.isfinite(), ~valid).all().item<bool>(), in.api,
+                ": advantages has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
+    TORCH_CHECK(at::logical_and(weight.isfinite(), weight >= 0).all().item<bool>(), in.api,
+                ": mask has a negative, NaN or Inf weight");
+  }
+
+  const at::Tensor zero = at::zeros({}, ratio.options());
+  // Masked tokens contribute nothing, whatever their values (even NaN).
+  const auto masked = [&](const at::Tensor& x) { return at::where(valid, x * weight, zero); };
+  const at::Tensor row_loss = masked(t.token_loss).sum(1, false, at::kDouble);
+  const at::Tensor row_tokens = at::where(valid, weight, zero).sum(1, false, at::kDouble);
+
+  // Counts: local ones unless the normaliser supplies the step's global ones.
+  at::Tensor tokens = row_tokens.sum();
+  at::Tensor sequences = (row_tokens > 0).sum().to(at::kDouble);
+  if (opts.normaliser && opts.normaliser->tokens)
+    tokens = at::full({}, *opts.normaliser->tokens, tokens.options());
+  if (opts.normaliser && opts.normaliser->sequences)
+    sequences = at::full({}, *opts.normaliser->sequences, sequences.options());
+  at::Tensor denominator;
+  switch (opts.reduction) {
+    case Reduction::TokenMean: denominator = tokens; break;
+    case Reduction::SeqMeanTokenSum:
+    case Reduction::SeqMeanTokenMean: denominator = sequences; break;
+    case Reduction::SeqMeanTokenSumNorm:
+      denominator = at::full({}, detail::norm_constant(opts, in.cols), tokens.options());
+      break;
+  }
+  const at::Tensor global = at::where(denominator > 0, denominator.reciprocal() * detail::world_size(opts),
+                                      at::zeros_like(denominator));
+  at::Tensor scale = global.reshape({1});
+  if (opts.reduction == Reduction::SeqMeanTokenMean) {
+    const at::Tensor row_factor =
+        at::where(row_tokens > 0, row_tokens.reciprocal(), at::zeros_like(row_tokens));
+    scale = row_factor * global;
+  }
+
+  detail::ClippedLossOutputs out;
+  out.loss = (row_loss * scale).sum().to(acc);
+  if (need_grad) {
+    out.coef = masked(at::where(t.trusted, -advantage * ratio, zero)).reshape(in.logp.sizes());
+  }
+  out.scale = scale;
+
+  const at::Tensor count = row_tokens.sum();
+  const at::Tensor any = count > 0;
+  const at::Tensor inv = at::where(any, count.reciprocal(), at::zeros_like(count));
+  const auto mean = [&](const at::Tensor& x) { return masked(x).sum(at::kDouble) * inv; };
+  const auto fraction = [&](const at::Tensor& flag) { return mean(flag.to(acc)); };
+  const at::Tensor one = at::ones({}, count.options());
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor ratio_d = ratio.to(at::kDouble);
+  out.metrics = at::stack({
+      fraction(t.clipped),
+      fraction(t.clipped_dual),
+      fraction(at::logical_and(advantage > 0, ratio > 1.0 + c.eps_high)),
+      fraction(at::logical_and(advantage < 0, ratio < 1.0 - c.eps_low)),
+      mean(-clamped),
+      mean(ratio - 1.0 - clamped),
+      at::where(any, mean(ratio), one),
+      at::where(any, at::where(valid, ratio_d, at::full({}, inf, ratio_d.options())).min(), one),
+      at::where(any, at::where(valid, ratio_d, at::full({}, -inf, ratio_d.options())).max(), one),
+      count,
+  });
+  return out;
+}
+
+/// Backward: d loss / d logp in logp's dtype, composed from ATen ops.
+inline at::Tensor clipped_loss_backward(const at::Tensor& coef, const at::Tensor& scale,
+                                        const at::Tensor& grad_output, at::ScalarType dtype) {
+  const at::Tensor per_row = coef.dim() == 2 ? scale.reshape({-1, 1}) : scale;
+  return (coef * (per_row * grad_output).to(coef.scalar_type())).to(dtype);
+}
+
+}  // namespace composed
+PSFT_NAMESPACE_END

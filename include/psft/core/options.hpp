@@ -1,0 +1,98 @@
+#pragma once
+/// \file
+/// Option structs of the objective. Torch-free so that the Eigen API, the CPU
+/// kernels and (later) the CUDA kernels all read the same definitions.
+
+#include <cstdint>
+#include <optional>
+
+#include "psft/core/config.hpp"
+
+PSFT_NAMESPACE_BEGIN
+
+/// Trust-region (clipping) settings. Defaults are the PSFT recipe's.
+struct ClipOptions {
+  /// Lower clip: the ratio is clipped below at 1 - eps_low (binds only for
+  /// negative advantages). Must be in [0, 1).
+  double eps_low = 0.2;
+  /// Upper clip: the ratio is clipped above at 1 + eps_high (binds for
+  /// positive advantages, so it is the PSFT trust region). Must be >= 0.
+  double eps_high = 0.28;
+  /// Dual clip constant c > 1 for negative advantages: the per-token loss is
+  /// capped at -A c (verl's clip_ratio_c). Unset: no dual clip.
+  std::optional<double> dual_clip;
+  /// The log-ratio is clamped to [-log_ratio_clamp, log_ratio_clamp] before
+  /// exp, as verl and OpenRLHF do (see Note [Why the log-ratio clamp]).
+  double log_ratio_clamp = 20.0;
+};
+
+/// How per-token losses are aggregated; definitions follow verl's agg_loss.
+/// N = token count (sum of mask weights), S = number of sequences with at
+/// least one unmasked token, n_s = tokens of sequence s, D = world_size.
+enum class Reduction {
+  /// sum(m l) / N * D
+  TokenMean,
+  /// sum_s(sum_t m l) / S * D
+  SeqMeanTokenSum,
+  /// sum_s(sum_t m l / n_s) / S * D
+  SeqMeanTokenMean,
+  /// sum(m l) / C * D, C = constant (default: padded length T)
+  SeqMeanTokenSumNorm,
+};
+
+/// Counts that define the loss of one optimizer step. Supply them when an
+/// optimizer step is split into micro-batches (gradient accumulation) or
+/// across data-parallel ranks, so that the sum of the micro-batch losses (and
+/// DDP's gradient average) is exactly the full-batch loss and gradient.
+/// A count that the reduction needs but that is unset is an error, never a
+/// silent fall-back to the micro-batch's own count.
+struct Normaliser {
+  /// Global token count N of the optimizer step (sum of mask weights over
+  /// every micro-batch on every rank). Needed by TokenMean.
+  std::optional<double> tokens;
+  /// Global count S of non-empty sequences. Needed by SeqMean* modes except
+  /// SeqMeanTokenSumNorm.
+  std::optional<double> sequences;
+  /// Number of data-parallel ranks whose gradients DDP averages; the loss is
+  /// multiplied by it so that the average equals the global sum.
+  std::int64_t world_size = 1;
+
+  /// Adds the counts of another part of the same optimizer step.
+  Normaliser& operator+=(const Normaliser& other) {
+    tokens = tokens.value_or(0.0) + other.tokens.value_or(0.0);
+    sequences = sequences.value_or(0.0) + other.sequences.value_or(0.0);
+    return *this;
+  }
+};
+
+/// Which implementation computes the loss.
+enum class Backend {
+  /// Fused kernel for the tensors' device when one is compiled in,
+  /// otherwise composed ATen ops.
+  Auto,
+  /// One fused pass on the CPU (CPU tensors only).
+  FusedCpu,
+  /// Fused CUDA kernel (needs the CUDA translation unit; CUDA tensors only).
+  FusedCuda,
+  /// The same math composed from ATen ops; runs on any device.
+  Composed,
+};
+
+/// Options of policy_loss and psft_loss.
+struct LossOptions {
+  ClipOptions clip;
+  Reduction reduction = Reduction::TokenMean;
+  /// Global counts of the optimizer step. Unset: the batch passed in is the
+  /// whole optimizer step and its own counts are used.
+  std::optional<Normaliser> normaliser;
+  /// C of SeqMeanTokenSumNorm. Unset: the padded length T of the batch.
+  std::optional<double> norm_constant;
+  /// Check old_logp, advantages and mask for NaN/Inf (and negative mask
+  /// weights). On the CPU the check is fused into the loss pass (a few
+  /// percent); on other devices it costs one host-device synchronisation,
+  /// so set it to false in a tuned GPU loop.
+  bool check_finite = true;
+  Backend backend = Backend::Auto;
+};
+
+PSFT_NAMESPACE_END

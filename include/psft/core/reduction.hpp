@@ -1,0 +1,104 @@
+#pragma once
+/// \file
+/// Aggregation of per-token losses (verl's agg_loss definitions), as scale
+/// factors: loss = sum_s row_factor_s * sum_t m l * global_factor. Torch-free.
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "psft/core/config.hpp"
+#include "psft/core/options.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace core {
+
+/// Counts the reduction divides by, already resolved (global or local).
+struct ReductionCounts {
+  double tokens;         ///< N
+  double sequences;      ///< S
+  double norm_constant;  ///< C
+  double world_size;     ///< D
+};
+
+/// True if the reduction weighs each sequence by 1 / n_s.
+PSFT_HOST_DEVICE inline bool uses_row_factor(Reduction r) {
+  return r == Reduction::SeqMeanTokenMean;
+}
+
+/// Per-sequence factor: 1 / n_s for SeqMeanTokenMean (0 for empty rows), else 1.
+PSFT_HOST_DEVICE inline double row_factor(Reduction r, double row_tokens) {
+  if (!uses_row_factor(r)) return 1.0;
+  return row_tokens > 0.0 ? 1.0 / row_tokens : 0.0;
+}
+
+/// The factor that turns the row-weighted sum into the loss. A zero count
+/// (nothing to average) gives 0, so an empty batch has loss 0 and zero
+/// gradients instead of 0/0.
+PSFT_HOST_DEVICE inline double global_factor(Reduction r, const ReductionCounts& c) {
+  double denominator = 0.0;
+  switch (r) {
+    case Reduction::TokenMean: denominator = c.tokens; break;
+    case Reduction::SeqMeanTokenSum:
+    case Reduction::SeqMeanTokenMean: denominator = c.sequences; break;
+    case Reduction::SeqMeanTokenSumNorm: denominator = c.norm_constant; break;
+  }
+  return denominator > 0.0 ? c.world_size / denominator : 0.0;
+}
+
+/// Aggregates per-row sums (row_loss = sum_t w l, row_tokens = sum_t w) into
+/// the loss and writes each row's gradient scale (row factor x global
+/// factor) to row_scale[0..rows). Counts come from the batch itself unless
+/// opts.normaliser supplies the optimizer step's global ones. Returns an
+/// error message: a global count smaller than the batch's
+/// own count is a bug in the caller's bookkeeping. Host only.
+struct RowReduction {
+  std::string error;  ///< empty on success
+  double loss = 0.0;
+  double global_factor = 0.0;
+};
+
+inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
+                                const double* row_loss, const double* row_tokens,
+                                double* row_scale) {
+  RowReduction out;
+  ReductionCounts counts{0.0, 0.0, opts.norm_constant ? *opts.norm_constant : double(cols),
+                         opts.normaliser ? double(opts.normaliser->world_size) : 1.0};
+  for (std::int64_t r = 0; r < rows; ++r) {
+    counts.tokens += row_tokens[r];
+    counts.sequences += row_tokens[r] > 0 ? 1.0 : 0.0;
+  }
+  std::ostringstream e;
+  if (opts.normaliser && opts.normaliser->tokens) {
+    if (*opts.normaliser->tokens < counts.tokens * (1 - 1e-9)) {
+      e << "normaliser.tokens (" << *opts.normaliser->tokens
+        << ") is smaller than this batch's own token count (" << counts.tokens
+        << "); it must count the whole optimizer step";
+      out.error = e.str();
+      return out;
+    }
+    counts.tokens = *opts.normaliser->tokens;
+  }
+  if (opts.normaliser && opts.normaliser->sequences) {
+    if (*opts.normaliser->sequences < counts.sequences) {
+      e << "normaliser.sequences (" << *opts.normaliser->sequences
+        << ") is smaller than this batch's own non-empty sequence count (" << counts.sequences
+        << "); it must count the whole optimizer step";
+      out.error = e.str();
+      return out;
+    }
+    counts.sequences = *opts.normaliser->sequences;
+  }
+  out.global_factor = global_factor(opts.reduction, counts);
+  double total = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const double factor = row_factor(opts.reduction, row_tokens[r]);
+    row_scale[r] = factor * out.global_factor;
+    total += factor * row_loss[r];
+  }
+  out.loss = total * out.global_factor;
+  return out;
+}
+
+}  // namespace core
+PSFT_NAMESPACE_END

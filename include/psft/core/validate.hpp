@@ -1,0 +1,82 @@
+#pragma once
+/// \file
+/// Validation of option values, shared by the LibTorch API (which raises
+/// c10::Error) and the Eigen API (which throws std::invalid_argument).
+/// Returns an empty string when the options are valid.
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "psft/core/config.hpp"
+#include "psft/core/options.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace core {
+
+inline const char* reduction_name(Reduction r) {
+  switch (r) {
+    case Reduction::TokenMean: return "TokenMean";
+    case Reduction::SeqMeanTokenSum: return "SeqMeanTokenSum";
+    case Reduction::SeqMeanTokenMean: return "SeqMeanTokenMean";
+    case Reduction::SeqMeanTokenSumNorm: return "SeqMeanTokenSumNorm";
+  }
+  return "?";
+}
+
+/// Why `c` is invalid, or "" if it is valid.
+inline std::string clip_options_error(const ClipOptions& c) {
+  std::ostringstream e;
+  if (!(std::isfinite(c.eps_low) && c.eps_low >= 0 && c.eps_low < 1)) {
+    e << "clip.eps_low must be in [0, 1), got " << c.eps_low;
+  } else if (!(std::isfinite(c.eps_high) && c.eps_high >= 0)) {
+    e << "clip.eps_high must be finite and >= 0, got " << c.eps_high;
+  } else if (c.dual_clip && !(std::isfinite(*c.dual_clip) && *c.dual_clip > 1)) {
+    e << "clip.dual_clip (c) must be finite and > 1, got " << *c.dual_clip;
+  } else if (!(std::isfinite(c.log_ratio_clamp) && c.log_ratio_clamp > 0)) {
+    e << "clip.log_ratio_clamp must be finite and > 0, got " << c.log_ratio_clamp;
+  }
+  return e.str();
+}
+
+/// Why `opts` is invalid for per-token inputs of `dim` dimensions, or "".
+inline std::string loss_options_error(const LossOptions& opts, int dim) {
+  std::string clip_error = clip_options_error(opts.clip);
+  if (!clip_error.empty()) return clip_error;
+  std::ostringstream e;
+  const char* name = reduction_name(opts.reduction);
+  if (opts.reduction != Reduction::TokenMean && dim != 2) {
+    e << "reduction " << name
+      << " needs per-token tensors of shape [B, T] to know the sequences, got " << dim
+      << " dimension(s)";
+    return e.str();
+  }
+  if (opts.norm_constant && !(std::isfinite(*opts.norm_constant) && *opts.norm_constant > 0)) {
+    e << "norm_constant must be finite and > 0, got " << *opts.norm_constant;
+    return e.str();
+  }
+  if (!opts.normaliser) return {};
+  const Normaliser& n = *opts.normaliser;
+  if (n.world_size < 1) {
+    e << "normaliser.world_size must be >= 1, got " << n.world_size;
+    return e.str();
+  }
+  const char* count_name = nullptr;
+  const std::optional<double>* count = nullptr;
+  switch (opts.reduction) {
+    case Reduction::TokenMean: count_name = "tokens"; count = &n.tokens; break;
+    case Reduction::SeqMeanTokenSum:
+    case Reduction::SeqMeanTokenMean: count_name = "sequences"; count = &n.sequences; break;
+    case Reduction::SeqMeanTokenSumNorm: return {};  // C is a constant, not a count
+  }
+  if (!count->has_value()) {
+    e << "normaliser." << count_name << " is needed by reduction " << name
+      << " but unset; refusing to fall back to this micro-batch's own count";
+  } else if (!(std::isfinite(**count) && **count >= 0)) {
+    e << "normaliser." << count_name << " must be finite and >= 0, got " << **count;
+  }
+  return e.str();
+}
+
+}  // namespace core
+PSFT_NAMESPACE_END

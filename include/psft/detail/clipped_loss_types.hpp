@@ -1,0 +1,49 @@
+#pragma once
+/// \file
+/// Internal hand-off between the public ops, the autograd Function and the
+/// backends of the clipped objective.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "psft/core/config.hpp"
+#include "psft/core/options.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace detail {
+
+/// Validated inputs. advantages and mask may be undefined (A = 1, all tokens
+/// count); a defined advantages tensor is expanded to logp's shape.
+struct ClippedLossInputs {
+  at::Tensor logp, old_logp, advantages, mask;
+  std::int64_t rows = 0;  ///< B ([N] inputs: 1)
+  std::int64_t cols = 0;  ///< T ([N] inputs: N)
+  const char* api = "psft::policy_loss";  ///< prefix of error messages
+};
+
+/// What a backend's forward returns.
+struct ClippedLossOutputs {
+  at::Tensor loss;     ///< 0-d, float (double for fp64 logp)
+  at::Tensor metrics;  ///< [core::kMetricCount] float64, MetricValues order
+  at::Tensor coef;     ///< logp's shape, accumulation dtype: w dl/dlogp; undefined without grad
+  at::Tensor scale;    ///< [rows] (per-row reductions) or [1]: the reduction's factor
+};
+
+/// Float accumulation for bf16/fp16/fp32, double for fp64.
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::ScalarType::Double ? at::ScalarType::Double : at::ScalarType::Float;
+}
+
+/// Padded length C of SeqMeanTokenSumNorm.
+inline double norm_constant(const LossOptions& opts, std::int64_t cols) {
+  return opts.norm_constant ? *opts.norm_constant : static_cast<double>(cols);
+}
+
+/// World size D the loss is multiplied by.
+inline double world_size(const LossOptions& opts) {
+  return opts.normaliser ? static_cast<double>(opts.normaliser->world_size) : 1.0;
+}
+
+}  // namespace detail
+PSFT_NAMESPACE_END

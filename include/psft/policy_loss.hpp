@@ -1,0 +1,142 @@
+#pragma once
+/// \file
+/// The PSFT objective and the general clipped policy objective on per-token
+/// log-probabilities. See docs/math.md for the derivation.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include "psft/autograd/clipped_loss_function.hpp"
+#include "psft/backend.hpp"
+#include "psft/core/clipped_objective.hpp"
+#include "psft/core/config.hpp"
+#include "psft/core/metrics.hpp"
+#include "psft/core/options.hpp"
+#include "psft/detail/checks.hpp"
+#include "psft/detail/clipped_loss_types.hpp"
+
+PSFT_NAMESPACE_BEGIN
+
+/// Trust-region metrics of one loss call, as 0-d float64 tensors on the
+/// inputs' device. Means are mask-weighted over unmasked tokens; to combine
+/// micro-batches, weight each mean by token_count (merge_metrics does that),
+/// never average the means. With no tokens, fractions and KL are 0 and ratio
+/// statistics are 1.
+struct LossMetrics {
+  /// verl `pg_clipfrac`: fraction of tokens where the PPO clip binds
+  /// (L2 > L1), on either side.
+  at::Tensor clip_frac;
+  /// verl `pg_clipfrac_lower`: fraction where the dual clip binds (A < 0).
+  at::Tensor clip_frac_dual;
+  /// TRL `clip_ratio/high_mean`: r > 1 + eps_high and A > 0 (the PSFT trust
+  /// region is active).
+  at::Tensor clip_frac_high;
+  /// TRL `clip_ratio/low_mean`: r < 1 - eps_low and A < 0.
+  at::Tensor clip_frac_low;
+  /// mean(old_logp - logp) (verl `ppo_kl`): k1 estimate of KL(old || new).
+  at::Tensor approx_kl_k1;
+  /// mean(r - 1 - log r): k3 estimate of KL(old || new), >= 0.
+  at::Tensor approx_kl_k3;
+  at::Tensor ratio_mean;
+  at::Tensor ratio_min;
+  at::Tensor ratio_max;
+  /// Sum of mask weights (the token count for a 0/1 mask).
+  at::Tensor token_count;
+
+  /// Unpacks a [core::kMetricCount] tensor in core::MetricValues order.
+  static LossMetrics from_packed(const at::Tensor& packed) {
+    LossMetrics m;
+    at::Tensor* fields[] = {&m.clip_frac,    &m.clip_frac_dual, &m.clip_frac_high,
+                            &m.clip_frac_low, &m.approx_kl_k1,  &m.approx_kl_k3,
+                            &m.ratio_mean,   &m.ratio_min,      &m.ratio_max,
+                            &m.token_count};
+    for (int i = 0; i < core::kMetricCount; ++i) *fields[i] = packed.select(0, i);
+    return m;
+  }
+};
+
+/// Result of a loss call.
+struct LossResult {
+  /// The aggregated loss, 0-d, float32 (float64 for float64 logp). Connected
+  /// to logp's graph even when every token is masked.
+  at::Tensor loss;
+  LossMetrics metrics;
+};
+
+namespace detail {
+
+inline LossResult clipped_loss(const char* api, const at::Tensor& logp,
+                               const at::Tensor& old_logp, const at::Tensor& advantages,
+                               const at::Tensor& mask, const LossOptions& opts) {
+  const ClippedLossInputs in =
+      check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, opts);
+  const Backend backend = backend_for(logp, opts.backend);
+  LossResult result;
+  at::Tensor metrics;
+  if (logp.requires_grad() && torch::autograd::GradMode::is_enabled()) {
+    auto outs = autograd::ClippedLossFunction::apply(logp, &in, &opts, backend);
+    result.loss = outs[0];
+    metrics = outs[1];
+  } else {
+    ClippedLossOutputs out = run_clipped_loss_forward(in, opts, backend, /*need_grad=*/false);
+    result.loss = out.loss;
+    metrics = out.metrics;
+  }
+  result.metrics = LossMetrics::from_packed(metrics);
+  return result;
+}
+
+}  // namespace detail
+
+/// The general clipped policy objective (PPO / GRPO / DAPO style):
+///
+///   l_t  = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)),
+///          capped at -A c for A < 0 when clip.dual_clip = c is set,
+///   r_t  = exp(clamp(logp_t - old_logp_t, -20, 20)),
+///
+/// aggregated by opts.reduction (verl's definitions). The gradient flows to
+/// logp only: dl/dlogp = -A r I_trust (zero where a clip binds).
+///
+/// \param logp        [B, T] or [N] log-probabilities of the taken tokens
+///                    under the current policy; any float dtype and strides.
+/// \param old_logp    same shape: log-probabilities under the old policy
+///                    (a constant; fp32 recommended).
+/// \param advantages  [B, T], [B, 1], [B] (one per sequence) or 0-d.
+/// \param mask        same shape as logp, bool or float weights; undefined
+///                    tensor: every token counts.
+/// \throws c10::Error naming the argument on bad input (see LossOptions for
+///         the NaN/Inf check and its opt-out).
+inline LossResult policy_loss(const at::Tensor& logp, const at::Tensor& old_logp,
+                              const at::Tensor& advantages, const at::Tensor& mask,
+                              const LossOptions& opts = {}) {
+  TORCH_CHECK(advantages.defined(),
+              "psft::policy_loss: advantages is an undefined tensor (use psft_loss for A = 1)");
+  return detail::clipped_loss("psft::policy_loss", logp, old_logp, advantages, mask, opts);
+}
+
+/// The PSFT objective: policy_loss with advantage 1 on every token,
+/// l_t = -min(r_t, 1 + eps_high). Defaults are the PSFT recipe's
+/// (eps_low 0.2, eps_high 0.28, token-mean).
+inline LossResult psft_loss(const at::Tensor& logp, const at::Tensor& old_logp,
+                            const at::Tensor& mask, const LossOptions& opts = {}) {
+  return detail::clipped_loss("psft::psft_loss", logp, old_logp, at::Tensor(), mask, opts);
+}
+
+/// The trust-region indicator I_trust per token (bool, logp's shape): true
+/// where the token's gradient flows, false where a clip binds or the
+/// log-ratio is clamped. advantages may be undefined (A = 1, PSFT). Composed
+/// from ATen ops; a diagnostic, not on the loss's hot path.
+inline at::Tensor trust_region_mask(const at::Tensor& logp, const at::Tensor& old_logp,
+                                    const at::Tensor& advantages = at::Tensor(),
+                                    const ClipOptions& clip = {}) {
+  const char* api = "psft::trust_region_mask";
+  LossOptions opts;
+  opts.clip = clip;
+  const detail::ClippedLossInputs in =
+      detail::check_clipped_loss_inputs(api, logp, old_logp, advantages, at::Tensor(), opts);
+  at::NoGradGuard no_grad;
+  return composed::token_terms(in, clip).trusted.reshape(logp.sizes());
+}
+
+PSFT_NAMESPACE_END
