@@ -131,6 +131,13 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   const at::Tensor one = at::ones({}, count.options());
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor ratio_d = ratio.to(at::kDouble);
+  // min (sentinel +inf) or max (sentinel -inf) over unmasked tokens; the
+  // sentinel is appended so that an empty batch reduces without error.
+  const auto extremum = [&](double sentinel) {
+    const at::Tensor fill = at::full({1}, sentinel, ratio_d.options());
+    const at::Tensor values = at::cat({at::where(valid, ratio_d, fill).flatten(), fill});
+    return sentinel > 0 ? values.min() : values.max();
+  };
   out.metrics = at::stack({
       fraction(t.clipped),
       fraction(t.clipped_dual),
@@ -139,8 +146,8 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
       mean(-clamped),
       mean(ratio - 1.0 - clamped),
       at::where(any, mean(ratio), one),
-      at::where(any, at::where(valid, ratio_d, at::full({}, inf, ratio_d.options())).min(), one),
-      at::where(any, at::where(valid, ratio_d, at::full({}, -inf, ratio_d.options())).max(), one),
+      at::where(any, extremum(inf), one),
+      at::where(any, extremum(-inf), one),
       count,
   });
   return out;

@@ -4,8 +4,6 @@
 /// across chunks, micro-batches and ranks, finalised as sum / count (never a
 /// mean of means). Torch-free.
 
-#include <limits>
-
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
 
@@ -34,8 +32,9 @@ struct MetricSums {
   double weight = 0;  // sum of mask weights
   double clipped = 0, clipped_dual = 0, clipped_high = 0, clipped_low = 0;
   double kl_k1 = 0, kl_k3 = 0, ratio = 0;
-  double ratio_min = std::numeric_limits<double>::infinity();
-  double ratio_max = -std::numeric_limits<double>::infinity();
+  // __builtin_huge_val: +inf usable in device code without nvcc's relaxed-constexpr flag.
+  double ratio_min = __builtin_huge_val();
+  double ratio_max = -__builtin_huge_val();
 
   /// Adds one token with mask weight w > 0.
   template <class T>
