@@ -8,6 +8,8 @@
 
 #include "psft/backend.hpp"
 #include "psft/core/options.hpp"
+#include "psft/entropy.hpp"
+#include "psft/logits.hpp"
 #include "psft/normaliser.hpp"
 #include "psft/policy_loss.hpp"
 #include "psft/version.hpp"

@@ -1,0 +1,127 @@
+#pragma once
+/// \file
+/// The custom autograd Function from logits to per-token log-probabilities
+/// and entropy. Forward is one pass over the logits (fused CPU kernel or
+/// chunked composed ops); backward is one more pass that writes the gradient
+/// in the logits' dtype. Saves the logits themselves (the graph holds them
+/// anyway), the labels and three numbers per token (row max, log-sum-exp
+/// relative to it, mean shifted logit), never a [tokens, V] intermediate.
+
+#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <cstdint>
+
+#include "psft/backend.hpp"
+#include "psft/composed/logits.hpp"
+#include "psft/core/config.hpp"
+#include "psft/core/logits_options.hpp"
+#include "psft/cpu/logits.hpp"
+
+PSFT_NAMESPACE_BEGIN
+namespace detail {
+
+/// Float32 for float32/bfloat16/float16 logits, float64 for float64.
+inline at::ScalarType logits_accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+/// The logits as the kernels read them: last dimension with stride 1. A
+/// tensor without that gets one contiguous copy per pass (documented in
+/// token_logprobs).
+inline at::Tensor vocab_contiguous(const at::Tensor& logits) {
+  return logits.size(-1) <= 1 || logits.stride(-1) == 1 ? logits : logits.contiguous();
+}
+
+/// Runs the chosen backend's forward. logp and entropy have labels' shape
+/// and the accumulation dtype; stats is [N, 3] or undefined (no backward).
+inline void run_token_logprobs_forward(const char* api, const at::Tensor& logits,
+                                       const at::Tensor& labels, const LogitsOptions& opts,
+                                       Backend backend, const at::Tensor& logp,
+                                       const at::Tensor& entropy, const at::Tensor& stats) {
+  const at::Tensor readable = vocab_contiguous(logits);
+  if (backend == Backend::FusedCpu) {
+    cpu::token_logprobs_forward(api, readable, labels, opts, logp, entropy, stats);
+  } else {
+    TORCH_CHECK(backend == Backend::Composed, api, ": backend ", backend_name(backend),
+                " has no logits kernel in this build");
+    composed::token_logprobs_forward(api, readable, labels, opts, logp, entropy, stats);
+  }
+}
+
+}  // namespace detail
+
+namespace autograd {
+
+/// logp, entropy = TokenLogprobsFunction::apply(logits, labels, opts, backend, api)
+/// labels is flat, contiguous int64 on the logits' device with values
+/// already checked. Gradient flows to logits only; entropy is
+/// differentiable only when opts.entropy_grad.
+class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& logits, const at::Tensor& labels,
+                                                const LogitsOptions& opts, Backend backend,
+                                                const char* api) {
+    const at::ScalarType acc = detail::logits_accumulate_type(logits.scalar_type());
+    const at::Tensor logp = at::empty(labels.sizes(), labels.options().dtype(acc));
+    const at::Tensor entropy = at::empty(labels.sizes(), labels.options().dtype(acc));
+    const at::Tensor stats = at::empty({labels.numel(), 3}, labels.options().dtype(acc));
+    detail::run_token_logprobs_forward(api, logits, labels, opts, backend, logp, entropy, stats);
+
+    ctx->save_for_backward({logits, labels});
+    ctx->saved_data["stats"] = stats;
+    ctx->saved_data["ignore_index"] = opts.ignore_index;
+    ctx->saved_data["temperature"] = opts.temperature;
+    ctx->saved_data["entropy_grad"] = opts.entropy_grad;
+    ctx->saved_data["composed_chunk_bytes"] = opts.composed_chunk_bytes;
+    ctx->saved_data["fused_cpu"] = backend == Backend::FusedCpu;
+    // Unused outputs reach backward as undefined tensors, not zeros, so a
+    // metric-only entropy costs nothing there.
+    ctx->set_materialize_grads(false);
+    if (!opts.entropy_grad) ctx->mark_non_differentiable({entropy});
+    return {logp, entropy};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),
+                "psft: token_logprobs does not support double backward "
+                "(backward with create_graph=true)");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor& labels = saved[1];
+    const at::Tensor stats = ctx->saved_data["stats"].toTensor();
+    LogitsOptions opts;
+    opts.ignore_index = ctx->saved_data["ignore_index"].toInt();
+    opts.temperature = ctx->saved_data["temperature"].toDouble();
+    opts.entropy_grad = ctx->saved_data["entropy_grad"].toBool();
+    opts.composed_chunk_bytes = ctx->saved_data["composed_chunk_bytes"].toInt();
+
+    const auto flat = [&](const at::Tensor& g) {
+      return g.defined() ? g.reshape({-1}).to(stats.scalar_type()).contiguous() : at::Tensor();
+    };
+    const at::Tensor grad_logp = flat(grads[0]);
+    const at::Tensor grad_entropy = opts.entropy_grad ? flat(grads[1]) : at::Tensor();
+    at::Tensor grad_logits;  // undefined: nothing reached logp or entropy
+    if (grad_logp.defined() || grad_entropy.defined()) {
+      const at::Tensor readable = detail::vocab_contiguous(logits);
+      grad_logits =
+          ctx->saved_data["fused_cpu"].toBool()
+              ? cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts)
+              : composed::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy,
+                                                  opts);
+    }
+    return {grad_logits,    // logits
+            at::Tensor(),   // labels (integer)
+            at::Tensor(),   // opts (not a tensor)
+            at::Tensor(),   // backend (not a tensor)
+            at::Tensor()};  // api (not a tensor)
+  }
+};
+
+}  // namespace autograd
+PSFT_NAMESPACE_END

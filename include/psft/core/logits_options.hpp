@@ -1,0 +1,62 @@
+#pragma once
+/// \file
+/// Options of the logits entry points (token_logprobs, psft_loss_from_logits,
+/// policy_loss_from_logits) and their validation. Torch-free, like
+/// core/options.hpp, whose LossOptions they complement.
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "psft/core/config.hpp"
+#include "psft/core/options.hpp"
+
+PSFT_NAMESPACE_BEGIN
+
+/// How logits and labels are read. The loss itself (clipping, reduction,
+/// normaliser) is configured by LossOptions.
+struct LogitsOptions {
+  /// Label value of positions that are not scored (prompt, padding): they
+  /// get log-probability 0, entropy 0, no gradient, and are masked out of
+  /// the loss. -100 is the Hugging Face convention.
+  std::int64_t ignore_index = -100;
+  /// The logits are divided by it before the softmax (sampling temperature),
+  /// so that the log-probabilities match those of the sampler. Finite, > 0.
+  double temperature = 1.0;
+  /// Let gradient flow through the entropy output, for an entropy bonus.
+  /// Off by default: entropy is a metric, and backward does not pay for it.
+  bool entropy_grad = false;
+  /// Check that every label is in [0, V) or equal to ignore_index, and that
+  /// scored rows of logits hold no NaN or +inf (and not only -inf). The fused
+  /// CPU pass checks as it goes at no measurable cost; the composed backend
+  /// on an accelerator pays one host-device synchronisation per call, so a
+  /// tuned GPU loop may turn it off (out-of-range labels then read a clamped
+  /// entry instead of failing).
+  bool check_inputs = true;
+  /// Which implementation runs the logits pass. Auto: the fused CPU kernel
+  /// for CPU tensors, composed ATen ops elsewhere. In psft_loss_from_logits
+  /// and policy_loss_from_logits, Auto follows LossOptions::backend (except
+  /// FusedCuda: there is no CUDA logits kernel yet).
+  Backend backend = Backend::Auto;
+  /// Composed backend only: rows are processed in chunks whose float32
+  /// [rows, V] temporaries take about this many bytes each (a handful are
+  /// alive at once), so memory stays bounded whatever the batch size.
+  std::int64_t composed_chunk_bytes = std::int64_t(64) << 20;
+};
+
+namespace core {
+
+/// Why `o` is invalid, or "" if it is valid.
+inline std::string logits_options_error(const LogitsOptions& o) {
+  std::ostringstream e;
+  if (!(std::isfinite(o.temperature) && o.temperature > 0)) {
+    e << "temperature must be finite and > 0, got " << o.temperature;
+  } else if (o.composed_chunk_bytes <= 0) {
+    e << "composed_chunk_bytes must be > 0, got " << o.composed_chunk_bytes;
+  }
+  return e.str();
+}
+
+}  // namespace core
+PSFT_NAMESPACE_END

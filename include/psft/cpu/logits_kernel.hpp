@@ -1,0 +1,458 @@
+#pragma once
+/// \file
+/// Fused CPU kernels from logits to token log-probabilities and entropy, on
+/// raw pointers. Forward: one pass over each scored row gives log p of the
+/// label, the entropy and the row's softmax statistics. Backward: one pass
+/// over each scored row writes d loss / d logits in the logits' dtype. No
+/// vocabulary-sized temporary is allocated: a row streams through a
+/// block-sized buffer that stays in L1.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "psft/core/config.hpp"
+#include "psft/core/online_softmax.hpp"
+
+// Eigen packets are vector types with alignment attributes; passing them as
+// template arguments makes GCC warn that the attributes are ignored, which
+// is harmless (Eigen silences the same warning in its own headers). GCC 12
+// also reports the deliberately undefined operands of AVX-512 intrinsics
+// (_mm512_undefined_ps inside _mm512_max_ps, ...) as uninitialised once they
+// are inlined here (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+PSFT_NAMESPACE_BEGIN
+namespace cpu {
+
+/// Vocabulary entries per block (Note [One pass over the logits]).
+constexpr std::int64_t kVocabBlock = 2048;
+
+// Note [One pass over the logits]
+// A row of V logits (V up to ~152k: 300-600 KB) is cut into blocks of
+// kVocabBlock entries. Each block is read from memory once, converted to the
+// accumulation type in a buffer that stays in L1 (or read in place for
+// float32 logits at temperature 1), reduced to its max with one sweep and to
+// S and A (core::OnlineSoftmax) with a second sweep over L1, then merged into
+// the row's statistics. Memory traffic is that of a single pass; the second
+// sweep costs L1 bandwidth only. A per-element online rescale (no block max)
+// would need a second exp per element, twice the arithmetic of this
+// exp-bound loop. Blocks of 512 to 8192 entries and two passes over the
+// whole row measured within noise of each other for float32, the whole-row
+// variant 20-30% slower for bfloat16 (docs/logits.md).
+
+/// A read-only [rows, vocab] view of logits of any dtype whose last
+/// dimension has stride 1. Row r of a [B, T, V] tensor is (r / T, r % T);
+/// a [N, V] tensor has inner_size N and outer_stride 0. All in elements.
+struct LogitsRows {
+  const void* data = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t vocab = 0;
+  std::int64_t inner_size = 1;  ///< T ([B, T, V]) or N ([N, V])
+  std::int64_t outer_stride = 0;
+  std::int64_t inner_stride = 0;
+
+  /// Element offset of row r's first logit. int64 throughout: one tensor may
+  /// hold more than 2^31 logits.
+  std::int64_t offset(std::int64_t row) const {
+    return (row / inner_size) * outer_stride + (row % inner_size) * inner_stride;
+  }
+};
+
+/// What the forward kernel reports. Rows are flat token indices, -1 for
+/// none. The kernel never stops early, so the reported row is the first bad
+/// one whatever the thread count.
+struct LogitsForwardStatus {
+  std::int64_t first_nonfinite_row = -1;    ///< a NaN or +inf logit
+  std::int64_t first_all_neg_inf_row = -1;  ///< every logit -inf
+};
+
+namespace kernel_detail {
+
+namespace ei = Eigen::internal;
+
+/// Packet type of acc_t where the build vectorises it (SSE2 at least on
+/// x86-64, AVX2/AVX-512 when the consumer compiles with them).
+template <class acc_t>
+struct Vec {
+  static constexpr bool kVectorised =
+      ei::packet_traits<acc_t>::Vectorizable && ei::packet_traits<acc_t>::HasExp;
+  using Packet =
+      typename std::conditional<kVectorised, typename ei::packet_traits<acc_t>::type, acc_t>::type;
+  static constexpr int kWidth = kVectorised ? ei::unpacket_traits<Packet>::size : 1;
+};
+
+// Note [Exp on the softmax range]
+// Every exponent the kernels take is in [cutoff, 0] (shifted logits, Note
+// [Softmax cutoff]), so for float the range reduction needs no overflow or
+// subnormal handling: n = round(x / ln 2) comes from the 1.5 * 2^23 rounding
+// trick and 2^n is added to the exponent bits. With Cephes' degree-5
+// polynomial (the one Eigen's pexp uses) this is as accurate as pexp
+// (about 1 ulp) without its floor emulation, which on an SSE2-only build is
+// most of the cost. Double keeps Eigen's pexp.
+
+/// e^x for float packets with x in [-80, 0] (Note [Exp on the softmax range]).
+template <class Packet>
+inline Packet exp_softmax_range(const Packet& x) {
+  using IntPacket = typename ei::unpacket_traits<Packet>::integer_packet;
+  const Packet magic = ei::pset1<Packet>(12582912.0f);  // 1.5 * 2^23
+  const Packet kf = ei::pmadd(x, ei::pset1<Packet>(1.44269504088896341f), magic);
+  const Packet n = ei::psub(kf, magic);  // round(x / ln 2)
+  Packet r = ei::pmadd(n, ei::pset1<Packet>(-0.693359375f), x);
+  r = ei::pmadd(n, ei::pset1<Packet>(2.12194440e-4f), r);  // x - n ln 2, in two parts
+  const Packet r2 = ei::pmul(r, r);
+  Packet y = ei::pmadd(ei::pset1<Packet>(1.9875691500e-4f), r, ei::pset1<Packet>(1.3981999507e-3f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(8.3334519073e-3f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(4.1665795894e-2f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(1.6666665459e-1f));
+  y = ei::pmadd(y, r, ei::pset1<Packet>(5.0000001201e-1f));
+  y = ei::pmadd(y, r2, ei::padd(r, ei::pset1<Packet>(1.0f)));
+  // n sits in the low mantissa bits of kf; shifted into the exponent field
+  // the magic's own bits fall off the top.
+  const IntPacket two_n = ei::plogical_shift_left<23>(ei::preinterpret<IntPacket>(kf));
+  return ei::preinterpret<Packet>(ei::padd(ei::preinterpret<IntPacket>(y), two_n));
+}
+
+/// e^x for x in [cutoff, 0], any packet type.
+template <class acc_t, class Packet>
+inline Packet exp_nonpositive(const Packet& x) {
+  if constexpr (std::is_same<acc_t, float>::value && Vec<float>::kVectorised) {
+    return exp_softmax_range(x);
+  } else {
+    return ei::pexp(x);
+  }
+}
+
+/// bfloat16 pairs can be converted with 32-bit integer packets (below).
+constexpr bool kBFloat16Pairs =
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && Vec<float>::kVectorised;
+#else
+    false;
+#endif
+
+// Note [bfloat16 pairs]
+// A 32-bit word of bfloat16 logits holds entries 2i (low half) and 2i + 1
+// (high half); `word << 16` and `word & 0xffff0000` are their float bits.
+// Block sums do not depend on where an entry sits in the buffer, so a block
+// is converted with integer packets into [even entries | odd entries] and
+// the gradient is packed back the same way, rounding to nearest even like
+// c10::BFloat16. No shuffles, and it vectorises on every Eigen target.
+
+/// The block's logits as acc_t: in place when no conversion is needed,
+/// otherwise converted (times `scale` when `scaled`) into buf, possibly in
+/// the order of Note [bfloat16 pairs]; store_block undoes that order.
+template <class acc_t, class scalar_t>
+inline const acc_t* load_block(const scalar_t* x, std::int64_t n, acc_t scale, bool scaled,
+                               acc_t* buf) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    if (!scaled) return x;
+  }
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value &&
+                kBFloat16Pairs) {
+    // Vec<acc_t>, not Vec<float>: dependent names, so that a build without
+    // float packets never looks at this branch.
+    using Packet = typename Vec<acc_t>::Packet;
+    using IntPacket = typename ei::unpacket_traits<Packet>::integer_packet;
+    constexpr int W = Vec<acc_t>::kWidth;
+    const std::int64_t pairs = n / 2;
+    const std::int64_t full = pairs - pairs % W;
+    const auto* words = reinterpret_cast<const int*>(x);
+    const IntPacket high = ei::pset1<IntPacket>(static_cast<int>(0xffff0000u));
+    const Packet s = ei::pset1<Packet>(scale);
+    for (std::int64_t i = 0; i < full; i += W) {
+      const IntPacket w = ei::ploadu<IntPacket>(words + i);
+      Packet even = ei::preinterpret<Packet>(ei::plogical_shift_left<16>(w));
+      Packet odd = ei::preinterpret<Packet>(ei::pand(w, high));
+      if (scaled) {
+        even = ei::pmul(even, s);
+        odd = ei::pmul(odd, s);
+      }
+      ei::pstoreu(buf + i, even);
+      ei::pstoreu(buf + pairs + i, odd);
+    }
+    for (std::int64_t i = full; i < pairs; ++i) {
+      buf[i] = static_cast<float>(x[2 * i]) * (scaled ? scale : 1.0f);
+      buf[pairs + i] = static_cast<float>(x[2 * i + 1]) * (scaled ? scale : 1.0f);
+    }
+    if (n % 2) buf[n - 1] = static_cast<float>(x[n - 1]) * (scaled ? scale : 1.0f);
+    return buf;
+  } else if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    Eigen::Map<Eigen::Array<acc_t, Eigen::Dynamic, 1>>(buf, n) =
+        Eigen::Map<const Eigen::Array<acc_t, Eigen::Dynamic, 1>>(x, n) * scale;
+    return buf;
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[i]);
+    if (scaled) {
+      for (std::int64_t i = 0; i < n; ++i) buf[i] *= scale;
+    }
+    return buf;
+  }
+}
+
+/// Writes a block of n gradient entries, computed in the order load_block
+/// produced, to out in scalar_t.
+template <class acc_t, class scalar_t>
+inline void store_block(const acc_t* values, std::int64_t n, scalar_t* out) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value &&
+                kBFloat16Pairs) {
+    // Vec<acc_t>, not Vec<float>: dependent names, so that a build without
+    // float packets never looks at this branch.
+    using Packet = typename Vec<acc_t>::Packet;
+    using IntPacket = typename ei::unpacket_traits<Packet>::integer_packet;
+    constexpr int W = Vec<acc_t>::kWidth;
+    const std::int64_t pairs = n / 2;
+    const std::int64_t full = pairs - pairs % W;
+    auto* words = reinterpret_cast<int*>(out);
+    const IntPacket high = ei::pset1<IntPacket>(static_cast<int>(0xffff0000u));
+    const IntPacket one = ei::pset1<IntPacket>(1);
+    const IntPacket bias = ei::pset1<IntPacket>(0x7fff);
+    const IntPacket nan = ei::pset1<IntPacket>(0x7fc00000);
+    // Round to nearest even, as c10::BFloat16(float); NaN stays a quiet NaN.
+    const auto round = [&](const Packet& v) {
+      const IntPacket bits = ei::preinterpret<IntPacket>(v);
+      const IntPacket odd_lsb = ei::pand(ei::plogical_shift_right<16>(bits), one);
+      const IntPacket rounded = ei::padd(bits, ei::padd(bias, odd_lsb));
+      const IntPacket is_number = ei::preinterpret<IntPacket>(ei::pcmp_eq(v, v));
+      return ei::por(ei::pand(rounded, is_number), ei::pandnot(nan, is_number));
+    };
+    for (std::int64_t i = 0; i < full; i += W) {
+      const IntPacket even = round(ei::ploadu<Packet>(values + i));
+      const IntPacket odd = round(ei::ploadu<Packet>(values + pairs + i));
+      ei::pstoreu(words + i, ei::por(ei::plogical_shift_right<16>(even), ei::pand(odd, high)));
+    }
+    for (std::int64_t i = full; i < pairs; ++i) {
+      out[2 * i] = static_cast<c10::BFloat16>(values[i]);
+      out[2 * i + 1] = static_cast<c10::BFloat16>(values[pairs + i]);
+    }
+    if (n % 2) out[n - 1] = static_cast<c10::BFloat16>(values[n - 1]);
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(values[i]);
+  }
+}
+
+/// Softmax statistics of one block of n >= 1 logits (core::OnlineSoftmax,
+/// vectorised): the max in one sweep, then S and A with the cutoff of Note
+/// [Softmax cutoff]. The shifted logits are summed alongside: that sum is NaN
+/// exactly when the block holds a NaN or +inf, whatever the vector max does
+/// with NaN, so the check costs one add per packet.
+template <class acc_t>
+inline core::OnlineSoftmax<acc_t> block_softmax(const acc_t* z, std::int64_t n) {
+  using Packet = typename Vec<acc_t>::Packet;
+  constexpr int W = Vec<acc_t>::kWidth;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const std::int64_t full = n - n % W;
+  // The tail, padded with -inf (probability zero, max unchanged).
+  alignas(64) acc_t tail[W];
+  for (int i = 0; i < W; ++i) tail[i] = full + i < n ? z[full + i] : -inf;
+
+  Packet vmax = ei::pset1<Packet>(-inf);
+  for (std::int64_t i = 0; i < full; i += W) vmax = ei::pmax(vmax, ei::ploadu<Packet>(z + i));
+  if (full < n) vmax = ei::pmax(vmax, ei::ploadu<Packet>(tail));
+  const acc_t m = ei::predux_max(vmax);
+  if (m == -inf) {
+    // Every logit is -inf, or a NaN hid behind the max: rare, tell them apart.
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (!(z[i] == -inf)) {
+        return core::OnlineSoftmax<acc_t>::from_parts(m, std::numeric_limits<acc_t>::quiet_NaN(),
+                                                      acc_t(0));
+      }
+    }
+    return {};
+  }
+  const Packet pm = ei::pset1<Packet>(m);
+  const Packet lo = ei::pset1<Packet>(core::softmax_cutoff<acc_t>());
+  Packet sum = ei::pset1<Packet>(acc_t(0));
+  Packet weighted = sum, check = sum;
+  const auto step = [&](const Packet& zp) {
+    const Packet y = ei::psub(zp, pm);
+    check = ei::padd(check, y);
+    const Packet y_cut = ei::pmax(y, lo);
+    const Packet e = ei::pand(exp_nonpositive<acc_t>(y_cut), ei::pcmp_le(lo, y));
+    sum = ei::padd(sum, e);
+    weighted = ei::pmadd(e, y_cut, weighted);
+  };
+  for (std::int64_t i = 0; i < full; i += W) step(ei::ploadu<Packet>(z + i));
+  if (full < n) step(ei::ploadu<Packet>(tail));
+  const acc_t c = ei::predux(check);
+  if (c != c) {
+    return core::OnlineSoftmax<acc_t>::from_parts(m, std::numeric_limits<acc_t>::quiet_NaN(),
+                                                  acc_t(0));
+  }
+  return core::OnlineSoftmax<acc_t>::from_parts(m, ei::predux(sum), ei::predux(weighted));
+}
+
+/// out[i] = p_i (c0 + c1 y_i) for a block of logits z, with y = z - m and
+/// p = e^{y - log S} (cutoff of Note [Softmax cutoff]): the gradient of
+/// core::token_logprob_grad times 1 / temperature for every entry but the
+/// label, with c0 = -(g - h A/S) / temperature and c1 = -h / temperature.
+template <class acc_t>
+inline void block_grad(const acc_t* z, std::int64_t n, acc_t m, acc_t log_sum, acc_t c0, acc_t c1,
+                       acc_t* out) {
+  using Packet = typename Vec<acc_t>::Packet;
+  constexpr int W = Vec<acc_t>::kWidth;
+  const std::int64_t full = n - n % W;
+  const Packet pm = ei::pset1<Packet>(m);
+  const Packet pls = ei::pset1<Packet>(log_sum);
+  const Packet lo = ei::pset1<Packet>(core::softmax_cutoff<acc_t>());
+  const Packet p0 = ei::pset1<Packet>(c0);
+  const Packet p1 = ei::pset1<Packet>(c1);
+  const auto step = [&](const Packet& zp) {
+    const Packet y = ei::psub(zp, pm);
+    const Packet t = ei::psub(y, pls);
+    const Packet p = ei::pand(exp_nonpositive<acc_t>(ei::pmax(t, lo)), ei::pcmp_le(lo, t));
+    // y >= t >= cutoff wherever p != 0; elsewhere any finite y will do.
+    return ei::pmul(p, ei::pmadd(p1, ei::pmax(y, lo), p0));
+  };
+  for (std::int64_t i = 0; i < full; i += W) ei::pstoreu(out + i, step(ei::ploadu<Packet>(z + i)));
+  if (full < n) {
+    alignas(64) acc_t tail[W];
+    for (int i = 0; i < W; ++i) tail[i] = full + i < n ? z[full + i] : acc_t(0);
+    ei::pstoreu(tail, step(ei::ploadu<Packet>(tail)));
+    for (std::int64_t i = full; i < n; ++i) out[i] = tail[i - full];
+  }
+}
+
+/// Lowers `target` to `value` if smaller (first bad row).
+inline void atomic_min(std::atomic<std::int64_t>& target, std::int64_t value) {
+  std::int64_t seen = target.load();
+  while (value < seen && !target.compare_exchange_weak(seen, value)) {
+  }
+}
+
+/// Rows per parallel task: enough logits to amortise scheduling.
+inline std::int64_t row_grain(std::int64_t vocab) {
+  return std::max<std::int64_t>(1, 65536 / std::max<std::int64_t>(vocab, 1));
+}
+
+/// The label's logit as its block saw it (same conversion and scaling), so
+/// that log p is consistent with the row's statistics to the last bit.
+template <class acc_t, class scalar_t>
+inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, bool scaled) {
+  const acc_t z = static_cast<acc_t>(x[label]);
+  return scaled ? z * scale : z;
+}
+
+}  // namespace kernel_detail
+
+/// Forward over every row: logp[r] = log p(labels[r]), entropy[r] = H, and
+/// (when stats is not null) stats[3r..3r+2] = {m, log S, A / S} for backward.
+/// Rows whose label is ignore_index are not read: logp = entropy = 0 and
+/// stats = 0. Labels must already be in [0, vocab) or ignore_index. Outputs
+/// are contiguous [rows] (stats [rows, 3]). A row with a NaN or +inf logit
+/// gets NaN outputs and is reported. Results do not depend on the thread
+/// count: each row is reduced by one thread in a fixed order.
+template <class scalar_t, class acc_t>
+LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::int64_t* labels,
+                                           std::int64_t ignore_index, acc_t inv_temperature,
+                                           acc_t* logp, acc_t* entropy, acc_t* stats) {
+  const bool scaled = inv_temperature != acc_t(1);
+  const std::int64_t vocab = logits.vocab;
+  const auto* base = static_cast<const scalar_t*>(logits.data);
+  constexpr std::int64_t kNone = std::numeric_limits<std::int64_t>::max();
+  std::atomic<std::int64_t> first_nonfinite{kNone}, first_all_neg_inf{kNone};
+
+  at::parallel_for(
+      0, logits.rows, kernel_detail::row_grain(vocab), [&](std::int64_t begin, std::int64_t end) {
+        alignas(64) acc_t buf[kVocabBlock];
+        for (std::int64_t r = begin; r < end; ++r) {
+          const std::int64_t label = labels[r];
+          if (label == ignore_index) {
+            logp[r] = entropy[r] = acc_t(0);
+            if (stats) stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = acc_t(0);
+            continue;
+          }
+          const scalar_t* x = base + logits.offset(r);
+          core::OnlineSoftmax<acc_t> row;
+          for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
+            const std::int64_t n = std::min(kVocabBlock, vocab - col);
+            row.merge(kernel_detail::block_softmax(
+                kernel_detail::load_block(x + col, n, inv_temperature, scaled, buf), n));
+          }
+          if (row.invalid()) kernel_detail::atomic_min(first_nonfinite, r);
+          if (row.empty()) kernel_detail::atomic_min(first_all_neg_inf, r);
+          logp[r] = row.log_prob(kernel_detail::label_logit(x, label, inv_temperature, scaled));
+          entropy[r] = row.entropy();
+          if (stats) {
+            stats[3 * r] = row.max;
+            stats[3 * r + 1] = row.log_sum();
+            stats[3 * r + 2] = row.mean_shifted();
+          }
+        }
+      });
+
+  LogitsForwardStatus status;
+  if (first_nonfinite.load() != kNone) status.first_nonfinite_row = first_nonfinite.load();
+  if (first_all_neg_inf.load() != kNone) status.first_all_neg_inf_row = first_all_neg_inf.load();
+  return status;
+}
+
+/// Backward over every row: grad[r, :] = d(g_r log p_r + h_r H_r) / d logits
+/// with g = grad_logp and h = grad_entropy (either may be null: zero),
+/// written in scalar_t to a contiguous [rows, vocab] buffer. Rows whose
+/// label is ignore_index, or whose g and h are both zero, become zero rows
+/// without reading the logits. stats comes from token_logprobs_forward.
+template <class scalar_t, class acc_t>
+void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* labels,
+                             std::int64_t ignore_index, acc_t inv_temperature, const acc_t* stats,
+                             const acc_t* grad_logp, const acc_t* grad_entropy, scalar_t* grad) {
+  const bool scaled = inv_temperature != acc_t(1);
+  const std::int64_t vocab = logits.vocab;
+  const auto* base = static_cast<const scalar_t*>(logits.data);
+
+  at::parallel_for(
+      0, logits.rows, kernel_detail::row_grain(vocab), [&](std::int64_t begin, std::int64_t end) {
+        alignas(64) acc_t buf[kVocabBlock];
+        alignas(64) acc_t out_buf[kVocabBlock];
+        for (std::int64_t r = begin; r < end; ++r) {
+          scalar_t* out = grad + r * vocab;
+          const std::int64_t label = labels[r];
+          const acc_t g = grad_logp ? grad_logp[r] : acc_t(0);
+          const acc_t h = grad_entropy ? grad_entropy[r] : acc_t(0);
+          if (label == ignore_index || (g == acc_t(0) && h == acc_t(0))) {
+            std::memset(static_cast<void*>(out), 0,
+                        static_cast<std::size_t>(vocab) * sizeof(scalar_t));
+            continue;
+          }
+          const scalar_t* x = base + logits.offset(r);
+          const acc_t m = stats[3 * r], log_sum = stats[3 * r + 1], mean_shifted = stats[3 * r + 2];
+          const acc_t c0 = -(g - h * mean_shifted) * inv_temperature;
+          const acc_t c1 = -h * inv_temperature;
+          for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
+            const std::int64_t n = std::min(kVocabBlock, vocab - col);
+            const acc_t* z = kernel_detail::load_block(x + col, n, inv_temperature, scaled, buf);
+            if constexpr (std::is_same<scalar_t, acc_t>::value) {
+              kernel_detail::block_grad(z, n, m, log_sum, c0, c1, out + col);
+            } else {
+              kernel_detail::block_grad(z, n, m, log_sum, c0, c1, out_buf);
+              kernel_detail::store_block(out_buf, n, out + col);
+            }
+          }
+          // The label's entry also gets the one-hot term.
+          const acc_t y_label = kernel_detail::label_logit(x, label, inv_temperature, scaled) - m;
+          out[label] = static_cast<scalar_t>(
+              inv_temperature *
+              core::token_logprob_grad(y_label, true, log_sum, mean_shifted, g, h));
+        }
+      });
+}
+
+}  // namespace cpu
+PSFT_NAMESPACE_END
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
