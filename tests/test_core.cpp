@@ -39,16 +39,20 @@ using Array = psft::eigen::TokenArray<T>;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const psft::Reduction kReductions[] = {
-    psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-    psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm};
+const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+                                       psft::Reduction::SeqMeanTokenMean,
+                                       psft::Reduction::SeqMeanTokenSumNorm};
 
 reference::Aggregation aggregation_of(psft::Reduction r) {
   switch (r) {
-    case psft::Reduction::TokenMean: return reference::Aggregation::TokenMean;
-    case psft::Reduction::SeqMeanTokenSum: return reference::Aggregation::SeqMeanTokenSum;
-    case psft::Reduction::SeqMeanTokenMean: return reference::Aggregation::SeqMeanTokenMean;
-    case psft::Reduction::SeqMeanTokenSumNorm: return reference::Aggregation::SeqMeanTokenSumNorm;
+    case psft::Reduction::TokenMean:
+      return reference::Aggregation::TokenMean;
+    case psft::Reduction::SeqMeanTokenSum:
+      return reference::Aggregation::SeqMeanTokenSum;
+    case psft::Reduction::SeqMeanTokenMean:
+      return reference::Aggregation::SeqMeanTokenMean;
+    case psft::Reduction::SeqMeanTokenSumNorm:
+      return reference::Aggregation::SeqMeanTokenSumNorm;
   }
   throw std::logic_error("unknown reduction");
 }
@@ -129,8 +133,8 @@ template <class T>
 reference::Result run_reference(const Batch<T>& b, const psft::LossOptions& o) {
   return reference::clipped_loss(static_cast<std::size_t>(b.logp.rows()),
                                  static_cast<std::size_t>(b.logp.cols()), to_vector(b.logp),
-                                 to_vector(b.old_logp), to_vector(b.advantages),
-                                 to_vector(b.mask), settings_for(o));
+                                 to_vector(b.old_logp), to_vector(b.advantages), to_vector(b.mask),
+                                 settings_for(o));
 }
 
 bool close(double got, double expected, double rtol, double atol = 0.0) {
@@ -242,8 +246,8 @@ TEST_CASE("core: clipped_objective matches the reference token by token", "[core
         const double dc = psft::core::clamp_log_ratio(logp - old, 20.0);
         CHECK(dc == x.clamped_log_ratio);
         CHECK(psft::core::approx_kl_k1(dc) == -x.clamped_log_ratio);
-        CHECK(close(psft::core::approx_kl_k3(dc, std::exp(dc)),
-                    x.ratio - 1.0 - x.clamped_log_ratio, 1e-14, 1e-15));
+        CHECK(close(psft::core::approx_kl_k3(dc, std::exp(dc)), x.ratio - 1.0 - x.clamped_log_ratio,
+                    1e-14, 1e-15));
         ++checked;
         trusted += x.trusted;
         dual_bound += x.dual_clip;
@@ -260,8 +264,8 @@ TEST_CASE("core: clipped_objective matches the reference token by token", "[core
 
 TEST_CASE("core: PSFT (A = 1) is -min(r, 1 + eps_high); eps_low and the dual clip never bind",
           "[core]") {
-  for (double d : {-25.0, -3.0, -0.5, 0.0, 0.2, std::log(1.28) - 1e-9, std::log(1.28) + 1e-9,
-                   1.0, 19.0, 25.0}) {
+  for (double d : {-25.0, -3.0, -0.5, 0.0, 0.2, std::log(1.28) - 1e-9, std::log(1.28) + 1e-9, 1.0,
+                   19.0, 25.0}) {
     INFO("d = " << d);
     for (double eps_low : {0.0, 0.2, 0.9}) {
       psft::core::ClipParams<double> p{eps_low, 0.28, 10.0, 20.0};
@@ -337,7 +341,9 @@ TEST_CASE("core: reduce_rows gives verl's aggregations with stated values", "[co
   const Expected cases[] = {
       {psft::Reduction::TokenMean, 4.0 / 6.0, {1 / 6.0, 1 / 6.0, 1 / 6.0, 1 / 6.0}},
       {psft::Reduction::SeqMeanTokenSum, 4.0 / 3.0, {1 / 3.0, 1 / 3.0, 1 / 3.0, 1 / 3.0}},
-      {psft::Reduction::SeqMeanTokenMean, (1.0 - 1.0 + 1.0) / 3.0, {1 / 6.0, 1 / 3.0, 0.0, 1 / 9.0}},
+      {psft::Reduction::SeqMeanTokenMean,
+       (1.0 - 1.0 + 1.0) / 3.0,
+       {1 / 6.0, 1 / 3.0, 0.0, 1 / 9.0}},
       {psft::Reduction::SeqMeanTokenSumNorm, 4.0 / 5.0, {0.2, 0.2, 0.2, 0.2}},
   };
   for (const Expected& c : cases) {
@@ -457,17 +463,16 @@ TEST_CASE("core: Normaliser += adds the counts of the parts of a step", "[core]"
 // ---------------------------------------------------------------------------
 // eigen/policy_loss.hpp
 
-TEST_CASE("eigen::policy_loss matches the reference for every reduction and dual clip",
-          "[eigen]") {
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+TEST_CASE("eigen::policy_loss matches the reference for every reduction and dual clip", "[eigen]") {
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   const double dual = GENERATE(0.0, 3.0, 10.0);
   const bool weighted = GENERATE(false, true);
   INFO(name_of(reduction) << " dual " << dual << " weighted " << weighted);
-  const auto b = random_batch<double>(1000 + static_cast<std::uint32_t>(dual) +
-                                          17 * static_cast<std::uint32_t>(reduction),
-                                      7, 53, weighted);
+  const auto b = random_batch<double>(
+      1000 + static_cast<std::uint32_t>(dual) + 17 * static_cast<std::uint32_t>(reduction), 7, 53,
+      weighted);
   psft::LossOptions o = options(reduction, dual > 0 ? std::optional<double>(dual) : std::nullopt);
   const auto got = psft::eigen::policy_loss<double>(b.logp, b.old_logp, b.advantages, b.mask, o);
   const reference::Result e = run_reference(b, o);
@@ -496,9 +501,9 @@ TEST_CASE("eigen::policy_loss matches the reference for every reduction and dual
 }
 
 TEST_CASE("eigen::policy_loss in float matches the reference on the same inputs", "[eigen]") {
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   INFO(name_of(reduction));
   const auto b = random_batch<float>(31 + static_cast<std::uint32_t>(reduction), 5, 64, true);
   const psft::LossOptions o = options(reduction, 3.0);
@@ -555,9 +560,9 @@ bool away_from_kinks(double d, double eps_low, double eps_high, double dual, dou
 }  // namespace
 
 TEST_CASE("eigen: the gradient equals central finite differences in double", "[eigen][fd]") {
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   const bool with_clamped = GENERATE(false, true);
   INFO(name_of(reduction) << (with_clamped ? " with clamped tokens" : ""));
   const double dual = 3.0;
@@ -571,7 +576,8 @@ TEST_CASE("eigen: the gradient equals central finite differences in double", "[e
         // Mostly inside the trust region, some tokens beyond either clip.
         d = c % 3 == 2 ? std::uniform_real_distribution<double>(-2.5, 2.5)(g)
                        : std::uniform_real_distribution<double>(-0.3, 0.3)(g);
-        if (with_clamped && c % 5 == 0) d = (c % 2 ? 1 : -1) * std::uniform_real_distribution<double>(20.5, 30.0)(g);
+        if (with_clamped && c % 5 == 0)
+          d = (c % 2 ? 1 : -1) * std::uniform_real_distribution<double>(20.5, 30.0)(g);
       } while (!away_from_kinks(d, 0.2, 0.28, dual, 1e-3));
       old(r, c) = -std::uniform_real_distribution<double>(0.1, 5.0)(g);
       logp(r, c) = old(r, c) + d;
@@ -592,11 +598,12 @@ TEST_CASE("eigen: the gradient equals central finite differences in double", "[e
                          psft::eigen::policy_loss<double>(minus, old, adv, mask, o).loss) /
                         (2 * h);
       const double grad = base.grad(r, c);
-      INFO("token (" << r << ", " << c << ") d = " << logp(r, c) - old(r, c) << " A "
-                     << adv(r, c) << " fd " << fd << " grad " << grad);
-      const bool constant = mask(r, c) == 0 ||
-                            !psft::core::in_trust_region(logp(r, c), old(r, c), adv(r, c),
-                                                         psft::core::ClipParams<double>{0.2, 0.28, dual, 20.0});
+      INFO("token (" << r << ", " << c << ") d = " << logp(r, c) - old(r, c) << " A " << adv(r, c)
+                     << " fd " << fd << " grad " << grad);
+      const bool constant =
+          mask(r, c) == 0 ||
+          !psft::core::in_trust_region(logp(r, c), old(r, c), adv(r, c),
+                                       psft::core::ClipParams<double>{0.2, 0.28, dual, 20.0});
       if (constant) {
         // The loss does not depend on this logp: bit-identical losses.
         CHECK(fd == 0.0);
@@ -612,8 +619,7 @@ TEST_CASE("eigen: the gradient equals central finite differences in double", "[e
   CHECK(zero_both > 5);
 }
 
-TEST_CASE("eigen: empty batches give loss 0, an empty gradient and neutral metrics",
-          "[eigen]") {
+TEST_CASE("eigen: empty batches give loss 0, an empty gradient and neutral metrics", "[eigen]") {
   const Eigen::Index shapes[][2] = {{0, 0}, {0, 5}, {4, 0}};
   for (const auto& shape : shapes) {
     for (psft::Reduction reduction : kReductions) {
@@ -671,8 +677,7 @@ TEST_CASE("eigen: normaliser errors name the missing or inconsistent count", "[e
   REQUIRE_THROWS_WITH(call(), Catch::Contains("normaliser.tokens"));
 }
 
-TEST_CASE("eigen: invalid options and inputs throw std::invalid_argument naming them",
-          "[eigen]") {
+TEST_CASE("eigen: invalid options and inputs throw std::invalid_argument naming them", "[eigen]") {
   const auto b = random_batch<double>(6, 3, 8);
   const auto with_clip = [&](psft::ClipOptions c) {
     psft::LossOptions o;
@@ -721,16 +726,16 @@ TEST_CASE("eigen: invalid options and inputs throw std::invalid_argument naming 
 }
 
 TEST_CASE("eigen: micro-batches with a global normaliser reproduce the full batch", "[eigen]") {
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   const std::int64_t world_size = GENERATE(1, 2);
   INFO(name_of(reduction) << " world size " << world_size);
   const Eigen::Index rows = 9, cols = 21;
   const auto b = random_batch<double>(555, rows, cols, true);
   const psft::LossOptions full_opts = options(reduction, 3.0);
-  const auto full = psft::eigen::policy_loss<double>(b.logp, b.old_logp, b.advantages, b.mask,
-                                                     full_opts);
+  const auto full =
+      psft::eigen::policy_loss<double>(b.logp, b.old_logp, b.advantages, b.mask, full_opts);
   // The full batch against the reference, then its parts against the full batch.
   check_against_reference(full, run_reference(b, full_opts), rows, cols, 1e-12);
 

@@ -52,26 +52,34 @@ using torch::Tensor;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const psft::Reduction kReductions[] = {
-    psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-    psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm};
+const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+                                       psft::Reduction::SeqMeanTokenMean,
+                                       psft::Reduction::SeqMeanTokenSumNorm};
 
 const char* name_of(psft::Reduction r) {
   switch (r) {
-    case psft::Reduction::TokenMean: return "TokenMean";
-    case psft::Reduction::SeqMeanTokenSum: return "SeqMeanTokenSum";
-    case psft::Reduction::SeqMeanTokenMean: return "SeqMeanTokenMean";
-    case psft::Reduction::SeqMeanTokenSumNorm: return "SeqMeanTokenSumNorm";
+    case psft::Reduction::TokenMean:
+      return "TokenMean";
+    case psft::Reduction::SeqMeanTokenSum:
+      return "SeqMeanTokenSum";
+    case psft::Reduction::SeqMeanTokenMean:
+      return "SeqMeanTokenMean";
+    case psft::Reduction::SeqMeanTokenSumNorm:
+      return "SeqMeanTokenSumNorm";
   }
   return "?";
 }
 
 reference::Aggregation aggregation_of(psft::Reduction r) {
   switch (r) {
-    case psft::Reduction::TokenMean: return reference::Aggregation::TokenMean;
-    case psft::Reduction::SeqMeanTokenSum: return reference::Aggregation::SeqMeanTokenSum;
-    case psft::Reduction::SeqMeanTokenMean: return reference::Aggregation::SeqMeanTokenMean;
-    case psft::Reduction::SeqMeanTokenSumNorm: return reference::Aggregation::SeqMeanTokenSumNorm;
+    case psft::Reduction::TokenMean:
+      return reference::Aggregation::TokenMean;
+    case psft::Reduction::SeqMeanTokenSum:
+      return reference::Aggregation::SeqMeanTokenSum;
+    case psft::Reduction::SeqMeanTokenMean:
+      return reference::Aggregation::SeqMeanTokenMean;
+    case psft::Reduction::SeqMeanTokenSumNorm:
+      return reference::Aggregation::SeqMeanTokenSumNorm;
   }
   throw std::logic_error("unknown reduction");
 }
@@ -118,11 +126,16 @@ struct Tolerance {
 /// The tolerance table at the top of this file.
 Tolerance tolerance_for(torch::Dtype logp_dtype) {
   switch (logp_dtype) {
-    case torch::kDouble: return {1e-12, 1e-12, 1e-12, 0.0};
-    case torch::kFloat: return {1e-5, 1e-5, 1e-5, 0.0};
-    case torch::kBFloat16: return {1e-5, 8e-3, 1e-5, 0.0};
-    case torch::kHalf: return {1e-5, 1e-3, 1e-5, 1e-7};
-    default: throw std::logic_error("no tolerance for this dtype");
+    case torch::kDouble:
+      return {1e-12, 1e-12, 1e-12, 0.0};
+    case torch::kFloat:
+      return {1e-5, 1e-5, 1e-5, 0.0};
+    case torch::kBFloat16:
+      return {1e-5, 8e-3, 1e-5, 0.0};
+    case torch::kHalf:
+      return {1e-5, 1e-3, 1e-5, 1e-7};
+    default:
+      throw std::logic_error("no tolerance for this dtype");
   }
 }
 
@@ -175,17 +188,25 @@ Inputs draw(const Draw& d) {
     mask[i] = w;
   }
   const auto dbl = torch::TensorOptions().dtype(torch::kDouble);
-  std::vector<std::int64_t> shape = d.flat ? std::vector<std::int64_t>{n}
-                                           : std::vector<std::int64_t>{d.rows, d.cols};
+  std::vector<std::int64_t> shape =
+      d.flat ? std::vector<std::int64_t>{n} : std::vector<std::int64_t>{d.rows, d.cols};
   Inputs in;
   in.logp = torch::tensor(logp, dbl).reshape(shape).to(d.logp_dtype).requires_grad_();
   in.old_logp = torch::tensor(old, dbl).reshape(shape).to(d.old_dtype);
   std::vector<std::int64_t> adv_shape;
   switch (d.adv) {
-    case AdvShape::PerToken: adv_shape = shape; break;
-    case AdvShape::Column: adv_shape = {d.rows, 1}; break;
-    case AdvShape::Row: adv_shape = {d.rows}; break;
-    case AdvShape::Scalar: adv_shape = {}; break;
+    case AdvShape::PerToken:
+      adv_shape = shape;
+      break;
+    case AdvShape::Column:
+      adv_shape = {d.rows, 1};
+      break;
+    case AdvShape::Row:
+      adv_shape = {d.rows};
+      break;
+    case AdvShape::Scalar:
+      adv_shape = {};
+      break;
   }
   std::int64_t adv_n = 1;
   for (auto s : adv_shape) adv_n *= s;
@@ -226,8 +247,8 @@ Tensor grad_of(const Tensor& loss, const Tensor& logp) {
   return torch::autograd::grad({loss}, {logp}, {}, /*retain_graph=*/true)[0];
 }
 
-std::int64_t count_mismatches(const Tensor& got, const std::vector<double>& expected,
-                              double rtol, double atol) {
+std::int64_t count_mismatches(const Tensor& got, const std::vector<double>& expected, double rtol,
+                              double atol) {
   const std::vector<double> g = values(got);
   if (g.size() != expected.size()) return -1;
   std::int64_t bad = 0;
@@ -293,9 +314,9 @@ void check_against_reference(const psft::LossResult& result, const Tensor& logp,
 TEST_CASE("policy_loss matches the reference for every backend, reduction and dual clip",
           "[policy_loss]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   const double dual = GENERATE(0.0, 3.0, 10.0);
   const MaskKind mask = GENERATE(MaskKind::Bool, MaskKind::Weights, MaskKind::None);
   BACKEND_INFO(backend);
@@ -348,9 +369,9 @@ TEST_CASE("every logp dtype matches the reference on the same rounded inputs",
   const torch::Dtype dtype =
       GENERATE(torch::kDouble, torch::kFloat, torch::kBFloat16, torch::kHalf);
   const bool old_fp32 = GENERATE(true, false);  // false: old_logp in logp's dtype
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   BACKEND_INFO(backend);
   INFO("logp " << dtype << (old_fp32 ? ", old_logp float32" : ", old_logp same dtype") << ", "
                << name_of(reduction));
@@ -390,8 +411,8 @@ TEST_CASE("mixed dtypes: bf16 logp, fp32 old_logp, bf16 advantages, fp16 mask we
 
 TEST_CASE("advantages of shape [B, T], [B, 1], [B] and 0-d", "[policy_loss]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
-  const AdvShape shape = GENERATE(AdvShape::PerToken, AdvShape::Column, AdvShape::Row,
-                                  AdvShape::Scalar);
+  const AdvShape shape =
+      GENERATE(AdvShape::PerToken, AdvShape::Column, AdvShape::Row, AdvShape::Scalar);
   const torch::Dtype dtype = GENERATE(torch::kDouble, torch::kFloat);
   BACKEND_INFO(backend);
   INFO("advantage shape " << static_cast<int>(shape) << " " << dtype);
@@ -446,8 +467,8 @@ TEST_CASE("log-ratios of +-30 are clamped; the bounds +-20 pass gradient", "[pol
   BACKEND_INFO(backend);
   INFO(dtype);
   // old = -5 and integral log-ratios: every value is exact in float.
-  const Tensor d = torch::tensor({30.0, -30.0, 20.0, -20.0, 21.0, -21.0, 0.0, 25.0},
-                                 torch::kDouble);
+  const Tensor d =
+      torch::tensor({30.0, -30.0, 20.0, -20.0, 21.0, -21.0, 0.0, 25.0}, torch::kDouble);
   const Tensor old = torch::full({2, 8}, -5.0, torch::kDouble).to(dtype);
   Inputs in;
   in.logp = (old.to(torch::kDouble) + d).to(dtype).requires_grad_();
@@ -583,12 +604,11 @@ bool away_from_kinks(double d, double dual, double margin) {
 
 }  // namespace
 
-TEST_CASE("autograd gradient equals central finite differences in double",
-          "[policy_loss][fd]") {
+TEST_CASE("autograd gradient equals central finite differences in double", "[policy_loss][fd]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   BACKEND_INFO(backend);
   INFO(name_of(reduction));
   const double dual = 3.0;
@@ -628,8 +648,8 @@ TEST_CASE("autograd gradient equals central finite differences in double",
   for (std::int64_t i = 0; i < B * T; ++i) {
     const double fd = (loss_at(i, h) - loss_at(i, -h)) / (2 * h);
     const double gi = grad.view({-1})[i].item<double>();
-    INFO("token " << i << " d = " << logp[i] - old[i] << " A " << adv[i] << " fd " << fd
-                  << " grad " << gi);
+    INFO("token " << i << " d = " << logp[i] - old[i] << " A " << adv[i] << " fd " << fd << " grad "
+                  << gi);
     if (mask[i] == 0 || !trusted.view({-1})[i].item<bool>()) {
       CHECK(fd == 0.0);
       CHECK(gi == 0.0);
@@ -694,11 +714,11 @@ TEST_CASE("the gradient flows to logp only; metrics are not differentiable",
     // Either no gradient at all, or an explicit zero.
     CHECK((!grads[k].defined() || (grads[k] == 0).all().item<bool>()));
   }
-  const Tensor metrics[] = {r.metrics.clip_frac,    r.metrics.clip_frac_dual,
+  const Tensor metrics[] = {r.metrics.clip_frac,      r.metrics.clip_frac_dual,
                             r.metrics.clip_frac_high, r.metrics.clip_frac_low,
-                            r.metrics.approx_kl_k1, r.metrics.approx_kl_k3,
-                            r.metrics.ratio_mean,   r.metrics.ratio_min,
-                            r.metrics.ratio_max,    r.metrics.token_count};
+                            r.metrics.approx_kl_k1,   r.metrics.approx_kl_k3,
+                            r.metrics.ratio_mean,     r.metrics.ratio_min,
+                            r.metrics.ratio_max,      r.metrics.token_count};
   for (const Tensor& m : metrics) CHECK_FALSE(m.requires_grad());
 }
 
@@ -752,9 +772,9 @@ Inputs rows_of(const Inputs& in, std::int64_t begin, std::int64_t end) {
 TEST_CASE("micro-batches with a global Normaliser reproduce the full batch, also over ranks",
           "[normaliser]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
-  const psft::Reduction reduction = GENERATE(
-      psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-      psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+  const psft::Reduction reduction =
+      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
   const torch::Dtype dtype = GENERATE(torch::kDouble, torch::kFloat);
   const std::int64_t world_size = GENERATE(1, 2);
   BACKEND_INFO(backend);
@@ -826,10 +846,18 @@ TEST_CASE("empty and fully masked batches: loss 0 on the graph, zero grads, neut
   BACKEND_INFO(backend);
   std::vector<std::int64_t> shape;
   switch (shape_kind) {
-    case 0: shape = {0, 7}; break;
-    case 1: shape = {4, 0}; break;
-    case 2: shape = {0}; break;
-    default: shape = {4, 7}; break;
+    case 0:
+      shape = {0, 7};
+      break;
+    case 1:
+      shape = {4, 0};
+      break;
+    case 2:
+      shape = {0};
+      break;
+    default:
+      shape = {4, 7};
+      break;
   }
   INFO(dtype << " shape " << c10::IntArrayRef(shape) << (shape_kind == 3 ? " fully masked" : ""));
   const Tensor logp = torch::randn(shape, torch::kDouble).to(dtype).requires_grad_();
@@ -885,9 +913,9 @@ TEST_CASE("masked positions with NaN or Inf in old_logp and advantages are ignor
   Inputs in = draw(d);
   const Tensor masked = in.mask == 0;
   in.old_logp = in.old_logp.masked_fill(masked, kNaN);
-  in.advantages = in.advantages.masked_fill(masked, kInf)
-                      .masked_fill(torch::logical_and(masked, torch::rand_like(in.mask) < 0.5),
-                                   kNaN);
+  in.advantages =
+      in.advantages.masked_fill(masked, kInf)
+          .masked_fill(torch::logical_and(masked, torch::rand_like(in.mask) < 0.5), kNaN);
   REQUIRE(in.old_logp.isnan().any().item<bool>());
   for (psft::Reduction reduction : kReductions) {
     INFO(name_of(reduction));
@@ -925,8 +953,8 @@ TEST_CASE("logp == old_logp (lr = 0): ratio exactly 1, nothing clipped", "[polic
     CHECK(item(r.metrics.approx_kl_k1) == 0.0);
     CHECK(item(r.metrics.approx_kl_k3) == 0.0);
     // Every unmasked token is in the trust region.
-    const Tensor trusted = psft::trust_region_mask(in.logp.detach(), in.old_logp, in.advantages,
-                                                   o.clip);
+    const Tensor trusted =
+        psft::trust_region_mask(in.logp.detach(), in.old_logp, in.advantages, o.clip);
     CHECK(trusted.all().item<bool>());
   }
 }
@@ -957,9 +985,9 @@ TEST_CASE("fused CPU results are bitwise identical for 1, 2 and 3 threads",
       const psft::LossResult r = call(in, o);
       losses.push_back(r.loss.detach());
       grads.push_back(grad_of(r.loss, in.logp));
-      metrics.push_back(torch::stack({r.metrics.clip_frac, r.metrics.approx_kl_k1,
-                                      r.metrics.approx_kl_k3, r.metrics.ratio_mean,
-                                      r.metrics.token_count}));
+      metrics.push_back(
+          torch::stack({r.metrics.clip_frac, r.metrics.approx_kl_k1, r.metrics.approx_kl_k3,
+                        r.metrics.ratio_mean, r.metrics.token_count}));
     }
     at::set_num_threads(saved);
     for (std::size_t k = 1; k < losses.size(); ++k) {
@@ -1019,8 +1047,8 @@ TEST_CASE("trust_region_mask matches the reference indicator", "[trust_region_ma
   CHECK(bad == 0);
 
   // Flat [N].
-  const Tensor flat = psft::trust_region_mask(in.logp.reshape({-1}), in.old_logp.reshape({-1}),
-                                              Tensor(), clip);
+  const Tensor flat =
+      psft::trust_region_mask(in.logp.reshape({-1}), in.old_logp.reshape({-1}), Tensor(), clip);
   CHECK(torch::equal(flat, psft_mask.reshape({-1})));
   REQUIRE_THROWS_WITH(psft::trust_region_mask(in.logp, in.old_logp.slice(1, 0, 5)),
                       Catch::Contains("old_logp"));
@@ -1029,16 +1057,14 @@ TEST_CASE("trust_region_mask matches the reference indicator", "[trust_region_ma
 // ---------------------------------------------------------------------------
 // Backends and validation
 
-TEST_CASE("backend_for picks the fused CPU kernel and rejects impossible requests",
-          "[backend]") {
+TEST_CASE("backend_for picks the fused CPU kernel and rejects impossible requests", "[backend]") {
   const Tensor t = torch::zeros({2, 3});
   CHECK(psft::backend_for(t) == psft::Backend::FusedCpu);
   CHECK(psft::backend_for(t, psft::Backend::Auto) == psft::Backend::FusedCpu);
   CHECK(psft::backend_for(t, psft::Backend::FusedCpu) == psft::Backend::FusedCpu);
   CHECK(psft::backend_for(t, psft::Backend::Composed) == psft::Backend::Composed);
   REQUIRE_THROWS_AS(psft::backend_for(t, psft::Backend::FusedCuda), c10::Error);
-  REQUIRE_THROWS_WITH(psft::backend_for(t, psft::Backend::FusedCuda),
-                      Catch::Contains("FusedCuda"));
+  REQUIRE_THROWS_WITH(psft::backend_for(t, psft::Backend::FusedCuda), Catch::Contains("FusedCuda"));
 
   Inputs in = draw(Draw{});
   psft::LossOptions o;
@@ -1064,10 +1090,12 @@ TEST_CASE("bad inputs raise c10::Error naming the argument", "[policy_loss][erro
   const psft::LossOptions o = options(backend, psft::Reduction::TokenMean);
   const Tensor logp = in.logp, old = in.old_logp, adv = in.advantages, mask = in.mask;
   const auto loss = [&](const Tensor& l, const Tensor& ol, const Tensor& a, const Tensor& m,
-                        const psft::LossOptions& opts) { return psft::policy_loss(l, ol, a, m, opts); };
-#define REQUIRE_ERROR_NAMING(expr, name)        \
-  do {                                          \
-    REQUIRE_THROWS_AS(expr, c10::Error);        \
+                        const psft::LossOptions& opts) {
+    return psft::policy_loss(l, ol, a, m, opts);
+  };
+#define REQUIRE_ERROR_NAMING(expr, name)              \
+  do {                                                \
+    REQUIRE_THROWS_AS(expr, c10::Error);              \
     REQUIRE_THROWS_WITH(expr, Catch::Contains(name)); \
   } while (false)
 
@@ -1078,9 +1106,9 @@ TEST_CASE("bad inputs raise c10::Error naming the argument", "[policy_loss][erro
     REQUIRE_ERROR_NAMING(loss(logp, old, adv, mask.to(torch::kInt), o), "mask");
   }
   SECTION("shapes") {
-    REQUIRE_ERROR_NAMING(loss(logp.detach().reshape({3, 5, 1}), old.reshape({3, 5, 1}), adv,
-                              mask, o),
-                         ": logp must");
+    REQUIRE_ERROR_NAMING(
+        loss(logp.detach().reshape({3, 5, 1}), old.reshape({3, 5, 1}), adv, mask, o),
+        ": logp must");
     REQUIRE_ERROR_NAMING(loss(logp, torch::zeros({3, 6}), adv, mask, o), "old_logp");
     REQUIRE_ERROR_NAMING(loss(logp, old.t(), adv, mask, o), "old_logp");
     REQUIRE_ERROR_NAMING(loss(logp, old, torch::zeros({3, 6}), mask, o), "advantages");
@@ -1158,6 +1186,7 @@ TEST_CASE("inputs on another device are rejected (needs CUDA)", "[policy_loss][c
   REQUIRE_THROWS_WITH(
       psft::policy_loss(in.logp, in.old_logp, in.advantages.to(torch::kCUDA), in.mask),
       Catch::Contains("advantages"));
-  REQUIRE_THROWS_WITH(psft::policy_loss(in.logp, in.old_logp, in.advantages, in.mask.to(torch::kCUDA)),
-                      Catch::Contains("mask"));
+  REQUIRE_THROWS_WITH(
+      psft::policy_loss(in.logp, in.old_logp, in.advantages, in.mask.to(torch::kCUDA)),
+      Catch::Contains("mask"));
 }

@@ -39,7 +39,8 @@ inline Backend backend_for(const at::Tensor& t, Backend requested = Backend::Aut
                   "psft: Backend::FusedCuda was requested but this build has no psft CUDA "
                   "kernels; use Backend::Auto or Backend::Composed");
       return requested;
-    case Backend::Composed: return requested;
+    case Backend::Composed:
+      return requested;
   }
   return Backend::Composed;
 }
@@ -47,10 +48,14 @@ inline Backend backend_for(const at::Tensor& t, Backend requested = Backend::Aut
 /// Human-readable backend name, for logs.
 inline const char* backend_name(Backend b) {
   switch (b) {
-    case Backend::Auto: return "auto";
-    case Backend::FusedCpu: return "fused-cpu";
-    case Backend::FusedCuda: return "fused-cuda";
-    case Backend::Composed: return "composed";
+    case Backend::Auto:
+      return "auto";
+    case Backend::FusedCpu:
+      return "fused-cpu";
+    case Backend::FusedCuda:
+      return "fused-cuda";
+    case Backend::Composed:
+      return "composed";
   }
   return "?";
 }

@@ -47,10 +47,9 @@ struct LossMetrics {
   /// Unpacks a [core::kMetricCount] tensor in core::MetricValues order.
   static LossMetrics from_packed(const at::Tensor& packed) {
     LossMetrics m;
-    at::Tensor* fields[] = {&m.clip_frac,    &m.clip_frac_dual, &m.clip_frac_high,
-                            &m.clip_frac_low, &m.approx_kl_k1,  &m.approx_kl_k3,
-                            &m.ratio_mean,   &m.ratio_min,      &m.ratio_max,
-                            &m.token_count};
+    at::Tensor* fields[] = {&m.clip_frac,    &m.clip_frac_dual, &m.clip_frac_high, &m.clip_frac_low,
+                            &m.approx_kl_k1, &m.approx_kl_k3,   &m.ratio_mean,     &m.ratio_min,
+                            &m.ratio_max,    &m.token_count};
     for (int i = 0; i < core::kMetricCount; ++i) *fields[i] = packed.select(0, i);
     return m;
   }
@@ -66,9 +65,9 @@ struct LossResult {
 
 namespace detail {
 
-inline LossResult clipped_loss(const char* api, const at::Tensor& logp,
-                               const at::Tensor& old_logp, const at::Tensor& advantages,
-                               const at::Tensor& mask, const LossOptions& opts) {
+inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at::Tensor& old_logp,
+                               const at::Tensor& advantages, const at::Tensor& mask,
+                               const LossOptions& opts) {
   const ClippedLossInputs in =
       check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, opts);
   const Backend backend = backend_for(logp, opts.backend);

@@ -42,12 +42,12 @@ struct Token {
   double clamped_log_ratio = 0;
   double ratio = 0;
   double loss = 0;
-  double grad = 0;          ///< d loss / d logp by autograd's rules
-  bool ppo_clip = false;    ///< verl pg_clipfrac: L2 > L1
-  bool dual_clip = false;   ///< verl pg_clipfrac_lower: A < 0 and max(L1, L2) > -A c
-  bool high_clip = false;   ///< TRL: r > 1 + eps_high and A > 0
-  bool low_clip = false;    ///< TRL: r < 1 - eps_low and A < 0
-  bool trusted = false;     ///< no clip binds and the clamp passes gradient
+  double grad = 0;         ///< d loss / d logp by autograd's rules
+  bool ppo_clip = false;   ///< verl pg_clipfrac: L2 > L1
+  bool dual_clip = false;  ///< verl pg_clipfrac_lower: A < 0 and max(L1, L2) > -A c
+  bool high_clip = false;  ///< TRL: r > 1 + eps_high and A > 0
+  bool low_clip = false;   ///< TRL: r < 1 - eps_low and A < 0
+  bool trusted = false;    ///< no clip binds and the clamp passes gradient
 };
 
 inline Token evaluate_token(double logp, double old_logp, double advantage, const Settings& s) {
@@ -103,8 +103,8 @@ struct Result {
   double loss = 0;
   /// Sum of |each token's contribution to loss|: the scale of its rounding error.
   double loss_magnitude = 0;
-  std::vector<double> grad;      ///< d loss / d logp, row-major [rows, cols]
-  std::vector<char> trusted;     ///< per token (regardless of the mask)
+  std::vector<double> grad;   ///< d loss / d logp, row-major [rows, cols]
+  std::vector<char> trusted;  ///< per token (regardless of the mask)
   Metrics metrics;
 };
 
@@ -113,8 +113,8 @@ struct Result {
 /// token's values are never read, so they may be NaN).
 inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector<double>& logp,
                            const std::vector<double>& old_logp,
-                           const std::vector<double>& advantages,
-                           const std::vector<double>& mask, const Settings& s) {
+                           const std::vector<double>& advantages, const std::vector<double>& mask,
+                           const Settings& s) {
   const std::size_t n = rows * cols;
   if (logp.size() != n || old_logp.size() != n || advantages.size() != n || mask.size() != n)
     throw std::logic_error("reference::clipped_loss: sizes do not match rows * cols");
@@ -152,7 +152,8 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
   }
   // The indicator is defined for masked tokens too (trust_region_mask has no mask).
   for (std::size_t k = 0; k < n; ++k) {
-    if (mask[k] == 0) out.trusted[k] = evaluate_token(logp[k], old_logp[k], advantages[k], s).trusted;
+    if (mask[k] == 0)
+      out.trusted[k] = evaluate_token(logp[k], old_logp[k], advantages[k], s).trusted;
   }
 
   double local_sequences = 0;
@@ -163,10 +164,18 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
 
   double denominator = 0;
   switch (s.aggregation) {
-    case Aggregation::TokenMean: denominator = tokens_count; break;
-    case Aggregation::SeqMeanTokenSum: denominator = sequences; break;
-    case Aggregation::SeqMeanTokenMean: denominator = sequences; break;
-    case Aggregation::SeqMeanTokenSumNorm: denominator = constant; break;
+    case Aggregation::TokenMean:
+      denominator = tokens_count;
+      break;
+    case Aggregation::SeqMeanTokenSum:
+      denominator = sequences;
+      break;
+    case Aggregation::SeqMeanTokenMean:
+      denominator = sequences;
+      break;
+    case Aggregation::SeqMeanTokenSumNorm:
+      denominator = constant;
+      break;
   }
   for (std::size_t i = 0; i < rows; ++i) {
     double row_scale = 0;

@@ -67,9 +67,9 @@ class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction
                       ? cpu::clipped_loss_backward(coef, scale, grad_loss, dtype)
                       : composed::clipped_loss_backward(coef, scale, grad_loss, dtype);
     }
-    return {grad_logp,    // logp
-            at::Tensor(),  // inputs (not a tensor)
-            at::Tensor(),  // opts (not a tensor)
+    return {grad_logp,      // logp
+            at::Tensor(),   // inputs (not a tensor)
+            at::Tensor(),   // opts (not a tensor)
             at::Tensor()};  // backend (not a tensor)
   }
 };

@@ -54,7 +54,7 @@ inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const ClipOpt
   t.clipped_dual = at::zeros_like(t.clipped);
   if (c.dual_clip) {
     const at::Tensor cap = -t.advantage * *c.dual_clip;
-    t.clipped_dual = at::logical_and(t.advantage < 0, t.token_loss > cap);
+    t.clipped_dual = at::logical_and(t.advantage<0, t.token_loss> cap);
     t.token_loss = at::where(t.clipped_dual, cap, t.token_loss);
   }
   t.trusted = at::logical_and(in_range, ~at::logical_or(t.clipped, t.clipped_dual));
@@ -100,15 +100,20 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     sequences = at::full({}, *opts.normaliser->sequences, sequences.options());
   at::Tensor denominator;
   switch (opts.reduction) {
-    case Reduction::TokenMean: denominator = tokens; break;
+    case Reduction::TokenMean:
+      denominator = tokens;
+      break;
     case Reduction::SeqMeanTokenSum:
-    case Reduction::SeqMeanTokenMean: denominator = sequences; break;
+    case Reduction::SeqMeanTokenMean:
+      denominator = sequences;
+      break;
     case Reduction::SeqMeanTokenSumNorm:
       denominator = at::full({}, detail::norm_constant(opts, in.cols), tokens.options());
       break;
   }
-  const at::Tensor global = at::where(denominator > 0, denominator.reciprocal() * detail::world_size(opts),
-                                      at::zeros_like(denominator));
+  const at::Tensor global =
+      at::where(denominator > 0, denominator.reciprocal() * detail::world_size(opts),
+                at::zeros_like(denominator));
   at::Tensor scale = global.reshape({1});
   if (opts.reduction == Reduction::SeqMeanTokenMean) {
     const at::Tensor row_factor =

@@ -76,8 +76,9 @@ struct TokenObjective {
 /// exp(d) (computed by the caller, possibly vectorised) and whether the
 /// clamp let gradient through.
 template <class T>
-PSFT_HOST_DEVICE inline TokenObjective<T> clipped_objective_from_ratio(
-    T ratio, bool in_range, T advantage, const ClipParams<T>& p) {
+PSFT_HOST_DEVICE inline TokenObjective<T> clipped_objective_from_ratio(T ratio, bool in_range,
+                                                                       T advantage,
+                                                                       const ClipParams<T>& p) {
   const T one = T(1);
   const T lower = one - p.eps_low;
   const T upper = one + p.eps_high;

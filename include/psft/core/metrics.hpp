@@ -38,8 +38,7 @@ struct MetricSums {
 
   /// Adds one token with mask weight w > 0.
   template <class T>
-  PSFT_HOST_DEVICE void add(const TokenObjective<T>& t, T clamped_log_ratio, T ratio_value,
-                            T w) {
+  PSFT_HOST_DEVICE void add(const TokenObjective<T>& t, T clamped_log_ratio, T ratio_value, T w) {
     const double wd = static_cast<double>(w);
     weight += wd;
     clipped += t.clipped ? wd : 0.0;

@@ -38,10 +38,16 @@ PSFT_HOST_DEVICE inline double row_factor(Reduction r, double row_tokens) {
 PSFT_HOST_DEVICE inline double global_factor(Reduction r, const ReductionCounts& c) {
   double denominator = 0.0;
   switch (r) {
-    case Reduction::TokenMean: denominator = c.tokens; break;
+    case Reduction::TokenMean:
+      denominator = c.tokens;
+      break;
     case Reduction::SeqMeanTokenSum:
-    case Reduction::SeqMeanTokenMean: denominator = c.sequences; break;
-    case Reduction::SeqMeanTokenSumNorm: denominator = c.norm_constant; break;
+    case Reduction::SeqMeanTokenMean:
+      denominator = c.sequences;
+      break;
+    case Reduction::SeqMeanTokenSumNorm:
+      denominator = c.norm_constant;
+      break;
   }
   return denominator > 0.0 ? c.world_size / denominator : 0.0;
 }

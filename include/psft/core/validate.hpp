@@ -16,10 +16,14 @@ namespace core {
 
 inline const char* reduction_name(Reduction r) {
   switch (r) {
-    case Reduction::TokenMean: return "TokenMean";
-    case Reduction::SeqMeanTokenSum: return "SeqMeanTokenSum";
-    case Reduction::SeqMeanTokenMean: return "SeqMeanTokenMean";
-    case Reduction::SeqMeanTokenSumNorm: return "SeqMeanTokenSumNorm";
+    case Reduction::TokenMean:
+      return "TokenMean";
+    case Reduction::SeqMeanTokenSum:
+      return "SeqMeanTokenSum";
+    case Reduction::SeqMeanTokenMean:
+      return "SeqMeanTokenMean";
+    case Reduction::SeqMeanTokenSumNorm:
+      return "SeqMeanTokenSumNorm";
   }
   return "?";
 }
@@ -64,10 +68,17 @@ inline std::string loss_options_error(const LossOptions& opts, int dim) {
   const char* count_name = nullptr;
   const std::optional<double>* count = nullptr;
   switch (opts.reduction) {
-    case Reduction::TokenMean: count_name = "tokens"; count = &n.tokens; break;
+    case Reduction::TokenMean:
+      count_name = "tokens";
+      count = &n.tokens;
+      break;
     case Reduction::SeqMeanTokenSum:
-    case Reduction::SeqMeanTokenMean: count_name = "sequences"; count = &n.sequences; break;
-    case Reduction::SeqMeanTokenSumNorm: return {};  // C is a constant, not a count
+    case Reduction::SeqMeanTokenMean:
+      count_name = "sequences";
+      count = &n.sequences;
+      break;
+    case Reduction::SeqMeanTokenSumNorm:
+      return {};  // C is a constant, not a count
   }
   if (!count->has_value()) {
     e << "normaliser." << count_name << " is needed by reduction " << name

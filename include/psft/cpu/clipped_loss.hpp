@@ -76,8 +76,8 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   const bool per_row = core::uses_row_factor(opts.reduction);
   out.scale = at::empty({per_row ? in.rows : 1}, at::TensorOptions().dtype(at::kDouble));
   std::vector<double> row_scale(static_cast<std::size_t>(in.rows));
-  const core::RowReduction reduced = core::reduce_rows(
-      opts, in.rows, in.cols, fwd.row_loss.data(), fwd.row_tokens.data(), row_scale.data());
+  const core::RowReduction reduced = core::reduce_rows(opts, in.rows, in.cols, fwd.row_loss.data(),
+                                                       fwd.row_tokens.data(), row_scale.data());
   TORCH_CHECK(reduced.error.empty(), in.api, ": ", reduced.error);
   if (per_row) {
     std::copy(row_scale.begin(), row_scale.end(), out.scale.data_ptr<double>());
@@ -87,10 +87,10 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   out.loss = at::scalar_tensor(reduced.loss, at::TensorOptions().dtype(acc));
 
   const core::MetricValues m = fwd.metrics.finalize();
-  out.metrics = at::tensor({m.clip_frac, m.clip_frac_dual, m.clip_frac_high, m.clip_frac_low,
-                            m.approx_kl_k1, m.approx_kl_k3, m.ratio_mean, m.ratio_min,
-                            m.ratio_max, m.token_count},
-                           at::TensorOptions().dtype(at::kDouble));
+  out.metrics =
+      at::tensor({m.clip_frac, m.clip_frac_dual, m.clip_frac_high, m.clip_frac_low, m.approx_kl_k1,
+                  m.approx_kl_k3, m.ratio_mean, m.ratio_min, m.ratio_max, m.token_count},
+                 at::TensorOptions().dtype(at::kDouble));
   return out;
 }
 
@@ -104,18 +104,16 @@ inline at::Tensor clipped_loss_backward(const at::Tensor& coef, const at::Tensor
   const double go = grad_output.to(at::kDouble).item<double>();
   const bool per_row = scale.numel() > 1;
   const double* s = scale.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "psft_clipped_loss_backward",
-                                  [&] {
-                                    if (coef.scalar_type() == at::kDouble) {
-                                      clipped_loss_backward<scalar_t, double>(
-                                          rows, cols, coef.data_ptr<double>(), s, per_row, go,
-                                          grad.data_ptr<scalar_t>());
-                                    } else {
-                                      clipped_loss_backward<scalar_t, float>(
-                                          rows, cols, coef.data_ptr<float>(), s, per_row, go,
-                                          grad.data_ptr<scalar_t>());
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "psft_clipped_loss_backward", [&] {
+        if (coef.scalar_type() == at::kDouble) {
+          clipped_loss_backward<scalar_t, double>(rows, cols, coef.data_ptr<double>(), s, per_row,
+                                                  go, grad.data_ptr<scalar_t>());
+        } else {
+          clipped_loss_backward<scalar_t, float>(rows, cols, coef.data_ptr<float>(), s, per_row, go,
+                                                 grad.data_ptr<scalar_t>());
+        }
+      });
   return grad;
 }
 

@@ -70,12 +70,18 @@ template <class acc_t>
 inline void load(const StridedInput& in, std::int64_t row, std::int64_t col, std::int64_t n,
                  acc_t* out) {
   switch (in.dtype) {
-    case c10::ScalarType::Float: return gather<acc_t, float>(in, row, col, n, out);
-    case c10::ScalarType::Double: return gather<acc_t, double>(in, row, col, n, out);
-    case c10::ScalarType::BFloat16: return gather<acc_t, c10::BFloat16>(in, row, col, n, out);
-    case c10::ScalarType::Half: return gather<acc_t, c10::Half>(in, row, col, n, out);
-    case c10::ScalarType::Bool: return gather<acc_t, bool>(in, row, col, n, out);
-    default: TORCH_CHECK(false, "psft: unsupported dtype ", in.dtype, " in the CPU kernel");
+    case c10::ScalarType::Float:
+      return gather<acc_t, float>(in, row, col, n, out);
+    case c10::ScalarType::Double:
+      return gather<acc_t, double>(in, row, col, n, out);
+    case c10::ScalarType::BFloat16:
+      return gather<acc_t, c10::BFloat16>(in, row, col, n, out);
+    case c10::ScalarType::Half:
+      return gather<acc_t, c10::Half>(in, row, col, n, out);
+    case c10::ScalarType::Bool:
+      return gather<acc_t, bool>(in, row, col, n, out);
+    default:
+      TORCH_CHECK(false, "psft: unsupported dtype ", in.dtype, " in the CPU kernel");
   }
 }
 

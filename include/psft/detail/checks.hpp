@@ -40,8 +40,8 @@ inline ClippedLossInputs check_clipped_loss_inputs(const char* api, const at::Te
                                                    const at::Tensor& mask,
                                                    const LossOptions& opts) {
   check_float_tensor(api, "logp", logp);
-  TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api,
-              ": logp must have shape [B, T] or [N], got ", logp.sizes());
+  TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api, ": logp must have shape [B, T] or [N], got ",
+              logp.sizes());
   check_float_tensor(api, "old_logp", old_logp);
   check_same_device(api, "old_logp", old_logp, logp);
   TORCH_CHECK(old_logp.sizes() == logp.sizes(), api, ": old_logp must have logp's shape ",
@@ -61,8 +61,8 @@ inline ClippedLossInputs check_clipped_loss_inputs(const char* api, const at::Te
     // One advantage per sequence ([B] or [B, 1]) or per token ([B, T]); a
     // [B] tensor is a per-sequence column, not numpy's trailing broadcast.
     if (a.dim() == 1 && logp.dim() == 2 && a.size(0) == logp.size(0)) a = a.unsqueeze(1);
-    const bool per_sequence = a.dim() == 2 && logp.dim() == 2 && a.size(0) == logp.size(0) &&
-                              a.size(1) == 1;
+    const bool per_sequence =
+        a.dim() == 2 && logp.dim() == 2 && a.size(0) == logp.size(0) && a.size(1) == 1;
     TORCH_CHECK(a.dim() == 0 || per_sequence || a.sizes() == logp.sizes(), api,
                 ": advantages must have logp's shape ", logp.sizes(),
                 ", one value per sequence ([B] or [B, 1]) or be 0-d, got ", advantages.sizes());
@@ -72,8 +72,8 @@ inline ClippedLossInputs check_clipped_loss_inputs(const char* api, const at::Te
     TORCH_CHECK(mask.scalar_type() == at::kBool || is_float_dtype(mask.scalar_type()), api,
                 ": mask must be bool or floating (token weights), got ", mask.scalar_type());
     check_same_device(api, "mask", mask, logp);
-    TORCH_CHECK(mask.sizes() == logp.sizes(), api, ": mask must have logp's shape ",
-                logp.sizes(), ", got ", mask.sizes());
+    TORCH_CHECK(mask.sizes() == logp.sizes(), api, ": mask must have logp's shape ", logp.sizes(),
+                ", got ", mask.sizes());
     in.mask = mask.detach();
   }
   const std::string options_error = core::loss_options_error(opts, static_cast<int>(logp.dim()));

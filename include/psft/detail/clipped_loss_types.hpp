@@ -17,8 +17,8 @@ namespace detail {
 /// count); a defined advantages tensor is expanded to logp's shape.
 struct ClippedLossInputs {
   at::Tensor logp, old_logp, advantages, mask;
-  std::int64_t rows = 0;  ///< B ([N] inputs: 1)
-  std::int64_t cols = 0;  ///< T ([N] inputs: N)
+  std::int64_t rows = 0;                  ///< B ([N] inputs: 1)
+  std::int64_t cols = 0;                  ///< T ([N] inputs: N)
   const char* api = "psft::policy_loss";  ///< prefix of error messages
 };
 

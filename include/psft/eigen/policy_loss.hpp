@@ -73,8 +73,10 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
       const T w = mask(r, c);
       if (w == T(0)) continue;
       if (opts.check_finite) {
-        detail::require(std::isfinite(old_logp(r, c)), "old_logp has NaN or Inf at an unmasked token");
-        detail::require(std::isfinite(advantages(r, c)), "advantages has NaN or Inf at an unmasked token");
+        detail::require(std::isfinite(old_logp(r, c)),
+                        "old_logp has NaN or Inf at an unmasked token");
+        detail::require(std::isfinite(advantages(r, c)),
+                        "advantages has NaN or Inf at an unmasked token");
         detail::require(std::isfinite(w) && w > T(0), "mask has a negative, NaN or Inf weight");
       }
       const T log_ratio = logp(r, c) - old_logp(r, c);
@@ -88,8 +90,8 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
       out.grad(r, c) = w * t.grad;
     }
   }
-  const core::RowReduction reduced = core::reduce_rows(opts, rows, cols, row_loss.data(),
-                                                       row_tokens.data(), row_scale.data());
+  const core::RowReduction reduced =
+      core::reduce_rows(opts, rows, cols, row_loss.data(), row_tokens.data(), row_scale.data());
   detail::require(reduced.error.empty(), reduced.error);
   for (Eigen::Index r = 0; r < rows; ++r) out.grad.row(r) *= static_cast<T>(row_scale[r]);
   out.loss = static_cast<T>(reduced.loss);
@@ -101,8 +103,7 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
 template <class T>
 LossResult<T> psft_loss(const TokenArray<T>& logp, const TokenArray<T>& old_logp,
                         const TokenArray<T>& mask, const LossOptions& opts = {}) {
-  return policy_loss<T>(logp, old_logp, TokenArray<T>::Ones(logp.rows(), logp.cols()), mask,
-                        opts);
+  return policy_loss<T>(logp, old_logp, TokenArray<T>::Ones(logp.rows(), logp.cols()), mask, opts);
 }
 
 }  // namespace eigen

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Builds psft and runs every check CI runs (.ci/run calls this), in phases:
+#
+#   setup     scripts/setup.sh (installs only what is missing)
+#   main      LibTorch from the torch wheel, build/main (CMake preset
+#             "default"): tests including [large], header check, benchmark
+#             smoke runs, examples, find_package and add_subdirectory consumers
+#   compat    Debian's LibTorch 1.13, build/torch1.13 (preset "torch1.13"):
+#             the tests
+#   sanitize  ASan + UBSan against the torch wheel, build/asan (preset "asan"):
+#             the tests except [large]
+#   format    clang-format --dry-run --Werror over include/ tests/
+#             benchmarks/ examples/
+#
+# Build trees live under build/ in the clone and are reused, so later runs are
+# incremental. Stops at the first failing phase.
+#
+# Environment:
+#   PSFT_SKIP_COMPAT=1    leave out the LibTorch 1.13 phase
+#   PSFT_SKIP_SANITIZE=1  leave out the sanitizer phase
+#   PSFT_JOBS             parallel build and test jobs (default: CPU count)
+#   PSFT_VENV, PSFT_TORCH as for scripts/setup.sh
+#   CLANG_FORMAT          the clang-format to use (default: clang-format)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs="${PSFT_JOBS:-$(nproc)}"
+finished=()    # "phase time" of each finished phase
+phase=""       # the phase running now
+phase_start=0
+
+duration() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+begin() {
+  phase="$1"
+  phase_start=$SECONDS
+  echo
+  echo "=== test.sh: $phase ==="
+}
+
+end() {
+  finished+=("$phase $(duration $((SECONDS - phase_start)))")
+  phase=""
+}
+
+summary() {
+  local status=$?
+  local done_list="none"
+  if [ "${#finished[@]}" -gt 0 ]; then
+    done_list=$(printf '%s, ' "${finished[@]}")
+    done_list="${done_list%, }"
+  fi
+  echo
+  if [ "$status" -eq 0 ]; then
+    echo "test.sh: PASSED in $(duration "$SECONDS") ($done_list)"
+  else
+    echo "test.sh: FAILED in phase ${phase:-?} after $(duration "$SECONDS") (passed: $done_list)"
+  fi
+}
+trap summary EXIT
+
+begin setup
+./scripts/setup.sh
+venv="${PSFT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/psft/venv}"
+torch_cmake_dir=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+# The presets take the torch package directory, the root of the wheel's
+# LibTorch (torch_cmake_dir is <it>/share/cmake), rather than
+# torch_cmake_dir itself: TorchConfig.cmake's find_library() calls would
+# otherwise take Debian's libtorch.so (also installed, for the compat phase)
+# over the wheel's.
+PSFT_TORCH_PREFIX=$(dirname "$(dirname "$torch_cmake_dir")")
+export PSFT_TORCH_PREFIX
+end
+
+begin main
+cmake --preset default
+cmake --build build/main -j "$jobs"
+ctest --test-dir build/main --output-on-failure -j "$jobs"
+end
+
+if [ "${PSFT_SKIP_COMPAT:-0}" != 1 ]; then
+  begin compat
+  cmake --preset torch1.13
+  cmake --build build/torch1.13 -j "$jobs"
+  ctest --test-dir build/torch1.13 --output-on-failure -j "$jobs"
+  end
+fi
+
+if [ "${PSFT_SKIP_SANITIZE:-0}" != 1 ]; then
+  begin sanitize
+  cmake --preset asan
+  cmake --build build/asan -j "$jobs"
+  # LibTorch keeps global state alive until exit, which LeakSanitizer would
+  # report; the ctest entries set the same options.
+  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build/asan --output-on-failure -j "$jobs" --label-exclude large
+  end
+fi
+
+begin format
+clang_format="${CLANG_FORMAT:-clang-format}"
+"$clang_format" --version
+mapfile -t sources < <(find include tests benchmarks examples -type f \
+  \( -name '*.hpp' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.cu' \) | sort)
+unformatted=()
+for source in "${sources[@]}"; do
+  "$clang_format" --dry-run --Werror "$source" >/dev/null 2>&1 || unformatted+=("$source")
+done
+if [ "${#unformatted[@]}" -gt 0 ]; then
+  echo "test.sh: ${#unformatted[@]} of ${#sources[@]} files are not clang-formatted:"
+  printf '  %s\n' "${unformatted[@]}"
+  echo "test.sh: fix with: $clang_format -i ${unformatted[*]}"
+  exit 1
+fi
+echo "test.sh: ${#sources[@]} files clang-formatted"
+end
