@@ -162,10 +162,9 @@ void register_all() {
     });
     register_family("BM_TorchComposed_" + name, "composed", name,
                     [dtype = dtype](benchmark::State& s) { bm_torch_composed(s, dtype); });
-    register_family("BM_PsftComposed_" + name, "psft_composed", name,
-                    [dtype = dtype](benchmark::State& s) {
-                      bm_psft(s, dtype, psft::Backend::Composed);
-                    });
+    register_family(
+        "BM_PsftComposed_" + name, "psft_composed", name,
+        [dtype = dtype](benchmark::State& s) { bm_psft(s, dtype, psft::Backend::Composed); });
     register_family("BM_Copy_" + name, "copy", name,
                     [dtype = dtype](benchmark::State& s) { bm_copy(s, dtype); });
   }
@@ -195,8 +194,9 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   void Finalize() override {
     ConsoleReporter::Finalize();
     std::FILE* out = stdout;
-    std::fprintf(out, "\nSummary (%s real time per forward + backward; GB/s over the bytes of "
-                 "Note [Bytes touched]):\n", "fastest repetition");
+    std::fprintf(out,
+                 "\nSummary (fastest repetition, real time per forward + backward; GB/s over "
+                 "the bytes of Note [Bytes touched]):\n");
     std::fprintf(out, "%9s %5s %9s %11s %9s %8s %10s %9s %9s\n", "N", "dtype", "fused ms",
                  "composed ms", "psft-comp", "speedup", "fused GB/s", "copy GB/s", "of copy");
     for (const char* dtype : {"fp32", "bf16"}) {
@@ -206,8 +206,8 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         const double psft_composed = time_of("psft_composed", dtype, n);
         const double copy = time_of("copy", dtype, n);
         if (fused <= 0 && composed <= 0 && copy <= 0) continue;
-        const double bytes =
-            static_cast<double>(bytes_touched(n, dtype[0] == 'f' ? torch::kFloat32 : torch::kBFloat16));
+        const double bytes = static_cast<double>(
+            bytes_touched(n, dtype[0] == 'f' ? torch::kFloat32 : torch::kBFloat16));
         const auto gbps = [&](double ms) { return ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0; };
         const auto ratio = [](double a, double b) { return a > 0 && b > 0 ? a / b : 0.0; };
         std::fprintf(out, "%9lld %5s %9.3f %11.3f %9.3f %7.2fx %10.2f %9.2f %9.2f\n",
@@ -215,7 +215,8 @@ class SummaryReporter : public benchmark::ConsoleReporter {
                      ratio(composed, fused), gbps(fused), gbps(copy), ratio(copy, fused));
       }
     }
-    std::fprintf(out, "(0 = not run; speedup = composed / fused; of copy = copy time / fused "
+    std::fprintf(out,
+                 "(0 = not run; speedup = composed / fused; of copy = copy time / fused "
                  "time)\n");
     std::fflush(out);
   }
@@ -223,10 +224,14 @@ class SummaryReporter : public benchmark::ConsoleReporter {
  private:
   static double to_ms(benchmark::TimeUnit unit) {
     switch (unit) {
-      case benchmark::kNanosecond: return 1e-6;
-      case benchmark::kMicrosecond: return 1e-3;
-      case benchmark::kMillisecond: return 1.0;
-      case benchmark::kSecond: return 1e3;
+      case benchmark::kNanosecond:
+        return 1e-6;
+      case benchmark::kMicrosecond:
+        return 1e-3;
+      case benchmark::kMillisecond:
+        return 1.0;
+      case benchmark::kSecond:
+        return 1e3;
     }
     return 1.0;
   }
@@ -264,9 +269,10 @@ int main(int argc, char** argv) {
 #else
   benchmark::AddCustomContext("psft_kernel_parallel",
                               "NO: compiled without OpenMP, the fused kernel runs on 1 thread");
-  std::fprintf(stderr, "warning: this benchmark was compiled without OpenMP; psft's fused "
-                       "kernel runs on one thread (Note [OpenMP in the consumer's translation "
-                       "unit])\n");
+  std::fprintf(stderr,
+               "warning: this benchmark was compiled without OpenMP; psft's fused "
+               "kernel runs on one thread (Note [OpenMP in the consumer's translation "
+               "unit])\n");
 #endif
   benchmark::AddCustomContext("libtorch", TORCH_VERSION);
 

@@ -28,11 +28,11 @@
 namespace {
 
 constexpr std::int64_t kVocab = 32;
-constexpr std::int64_t kLength = 24;          // tokens per demonstration
+constexpr std::int64_t kLength = 24;  // tokens per demonstration
 constexpr std::int64_t kDemonstrations = 256;
-constexpr std::int64_t kGlobalBatch = 64;     // sequences per old-policy snapshot
-constexpr std::int64_t kMiniBatches = 4;      // optimizer steps per global batch
-constexpr double kLearningRate = 0.02;        // the same for both runs
+constexpr std::int64_t kGlobalBatch = 64;  // sequences per old-policy snapshot
+constexpr std::int64_t kMiniBatches = 4;   // optimizer steps per global batch
+constexpr double kLearningRate = 0.02;     // the same for both runs
 
 /// Logits of the next token given the previous one.
 struct PolicyImpl : torch::nn::Module {
@@ -48,9 +48,9 @@ struct PolicyImpl : torch::nn::Module {
 TORCH_MODULE(Policy);
 
 struct Demonstrations {
-  torch::Tensor tokens;           // [D, kLength + 1], long
-  torch::Tensor mask;             // [D, kLength], bool: padding is false
-  double teacher_entropy = 0.0;   // of the chain that wrote them, per token
+  torch::Tensor tokens;          // [D, kLength + 1], long
+  torch::Tensor mask;            // [D, kLength], bool: padding is false
+  double teacher_entropy = 0.0;  // of the chain that wrote them, per token
 };
 
 /// Sequences of random length from a fixed random bigram chain.
@@ -67,8 +67,8 @@ Demonstrations make_demonstrations() {
   d.mask = torch::arange(kLength).unsqueeze(0) < lengths;
   const torch::Tensor row_entropy = -(teacher * teacher.log()).sum(1);
   const torch::Tensor per_token = row_entropy.index_select(0, d.tokens.slice(1, 0, -1).flatten());
-  d.teacher_entropy = (per_token * d.mask.flatten()).sum().item<double>() /
-                      d.mask.sum().item<double>();
+  d.teacher_entropy =
+      (per_token * d.mask.flatten()).sum().item<double>() / d.mask.sum().item<double>();
   return d;
 }
 
@@ -142,8 +142,8 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   const Demonstrations data = make_demonstrations();
   std::printf("psft %s: %lld steps, %lld mini-batch steps per global batch of %lld sequences\n",
-              psft::version(), static_cast<long long>(steps),
-              static_cast<long long>(kMiniBatches), static_cast<long long>(kGlobalBatch));
+              psft::version(), static_cast<long long>(steps), static_cast<long long>(kMiniBatches),
+              static_cast<long long>(kGlobalBatch));
   std::printf("%5s %9s %10s %9s %9s\n", "step", "loss", "clip_high", "entropy", "ratio_max");
   Policy psft_policy = train(data, /*use_psft=*/true, steps, /*verbose=*/true);
   Policy sft_policy = train(data, /*use_psft=*/false, steps, /*verbose=*/false);

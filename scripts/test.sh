@@ -9,6 +9,9 @@
 #             the tests
 #   sanitize  ASan + UBSan against the torch wheel, build/asan (preset "asan"):
 #             the tests except [large]
+#   cuda-build  PSFT_CUDA=ON against the torch wheel, build/cuda: builds only
+#             the CUDA test binary (nvcc, sm_80 and sm_90) and runs it, which
+#             skips without a GPU; the phase is skipped when nvcc is absent
 #   format    clang-format --dry-run --Werror over include/ tests/
 #             benchmarks/ examples/
 #
@@ -18,6 +21,9 @@
 # Environment:
 #   PSFT_SKIP_COMPAT=1    leave out the LibTorch 1.13 phase
 #   PSFT_SKIP_SANITIZE=1  leave out the sanitizer phase
+#   PSFT_SKIP_CUDA=1      leave out the cuda-build phase
+#   CUDACXX               the nvcc to use (default: nvcc on PATH, else
+#                         /usr/local/cuda/bin/nvcc)
 #   PSFT_JOBS             parallel build and test jobs (default: CPU count)
 #   PSFT_VENV, PSFT_TORCH as for scripts/setup.sh
 #   CLANG_FORMAT          the clang-format to use (default: clang-format)
@@ -94,6 +100,28 @@ if [ "${PSFT_SKIP_SANITIZE:-0}" != 1 ]; then
   # report; the ctest entries set the same options.
   ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest --test-dir build/asan --output-on-failure -j "$jobs" --label-exclude large
+  end
+fi
+
+if [ "${PSFT_SKIP_CUDA:-0}" != 1 ]; then
+  begin cuda-build
+  nvcc_path="${CUDACXX:-$(command -v nvcc || true)}"
+  if [ -z "$nvcc_path" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    nvcc_path=/usr/local/cuda/bin/nvcc
+  fi
+  if [ -z "$nvcc_path" ]; then
+    echo "test.sh: cuda-build skipped: no nvcc (set CUDACXX or put nvcc on PATH)"
+  else
+    # Only the CUDA targets: the rest is built and tested by the main phase.
+    cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" -DCMAKE_CUDA_COMPILER="$nvcc_path" \
+      -DCMAKE_CUDA_ARCHITECTURES="80;90" -DPSFT_CUDA=ON -DPSFT_BUILD_TESTS=ON \
+      -DPSFT_BUILD_BENCHMARKS=OFF -DPSFT_BUILD_EXAMPLES=OFF -DPSFT_HEADER_CHECK=OFF \
+      -DPSFT_CONSUMER_TESTS=OFF -DPSFT_INSTALL=OFF
+    cmake --build build/cuda -j "$jobs" --target psft_test_cuda
+    # Without a GPU every test case prints "skipped: no CUDA device" and passes.
+    build/cuda/tests/psft_test_cuda
+  fi
   end
 fi
 

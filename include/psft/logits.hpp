@@ -73,15 +73,9 @@ struct LogitsLossResult {
 
 namespace detail {
 
-/// The backend of the logits pass: the fused CPU kernel for CPU tensors,
-/// composed ops elsewhere (psft has no CUDA logits kernel yet, so Auto on a
-/// CUDA tensor is Composed even in a build with CUDA kernels).
-inline Backend logits_backend_for(const char* api, const at::Tensor& logits, Backend requested) {
-  if (requested == Backend::Auto)
-    return logits.device().is_cpu() ? Backend::FusedCpu : Backend::Composed;
-  TORCH_CHECK(requested != Backend::FusedCuda, api,
-              ": Backend::FusedCuda has no logits kernel yet; use Backend::Auto or "
-              "Backend::Composed");
+/// The backend of the logits pass: the fused kernel of the logits' device
+/// when this build has one, composed ATen ops otherwise (see backend_for).
+inline Backend logits_backend_for(const at::Tensor& logits, Backend requested) {
   return backend_for(logits, requested);
 }
 
@@ -124,7 +118,7 @@ inline TokenLogprobs token_logprobs(const char* api, const at::Tensor& logits,
                                     const at::Tensor& labels, const LogitsOptions& opts) {
   const at::Tensor checked_labels = check_logits_inputs(api, logits, labels, opts);
   TokenLogprobs out;
-  out.backend = logits_backend_for(api, logits, opts.backend);
+  out.backend = logits_backend_for(logits, opts.backend);
   if (logits.requires_grad() && torch::autograd::GradMode::is_enabled()) {
     auto outs =
         autograd::TokenLogprobsFunction::apply(logits, checked_labels, opts, out.backend, api);
@@ -150,9 +144,8 @@ inline LogitsLossResult clipped_loss_from_logits(
   TORCH_CHECK(old_logp.sizes() == labels.sizes(), api, ": old_logp must have labels' shape ",
               labels.sizes(), ", got ", old_logp.sizes());
   LogitsOptions opts = logits_opts;
-  // Auto follows the loss's choice, except FusedCuda, which has no logits
-  // kernel yet: the logits pass then stays Auto (composed on CUDA).
-  if (opts.backend == Backend::Auto && loss_opts.backend != Backend::FusedCuda) {
+  // Auto follows the loss's choice.
+  if (opts.backend == Backend::Auto) {
     opts.backend = loss_opts.backend;
   }
   // Options are validated before the (expensive) logits pass.

@@ -15,6 +15,11 @@
 #include "psft/core/config.hpp"
 #include "psft/cpu/clipped_loss.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
+// CUDA dispatch hook: the entry points exist only where psft_cuda.cu is
+// linked in (psft_enable_cuda() in cmake/psftCuda.cmake defines the macro).
+#if defined(PSFT_WITH_CUDA_KERNELS)
+#include "psft/cuda/clipped_loss.hpp"
+#endif
 
 PSFT_NAMESPACE_BEGIN
 namespace detail {
@@ -24,9 +29,25 @@ inline ClippedLossOutputs run_clipped_loss_forward(const ClippedLossInputs& in,
                                                    const LossOptions& opts, Backend backend,
                                                    bool need_grad) {
   if (backend == Backend::FusedCpu) return cpu::clipped_loss_forward(in, opts, need_grad);
+#if defined(PSFT_WITH_CUDA_KERNELS)
+  if (backend == Backend::FusedCuda) return cuda::clipped_loss_forward(in, opts, need_grad);
+#endif
   TORCH_CHECK(backend == Backend::Composed, in.api, ": backend ", backend_name(backend),
               " is not available in this build");
   return composed::clipped_loss_forward(in, opts, need_grad);
+}
+
+/// Runs the backward of the backend that ran the forward.
+inline at::Tensor run_clipped_loss_backward(Backend backend, const at::Tensor& coef,
+                                            const at::Tensor& scale, const at::Tensor& grad_output,
+                                            at::ScalarType dtype) {
+  if (backend == Backend::FusedCpu)
+    return cpu::clipped_loss_backward(coef, scale, grad_output, dtype);
+#if defined(PSFT_WITH_CUDA_KERNELS)
+  if (backend == Backend::FusedCuda)
+    return cuda::clipped_loss_backward(coef, scale, grad_output, dtype);
+#endif
+  return composed::clipped_loss_backward(coef, scale, grad_output, dtype);
 }
 
 }  // namespace detail
@@ -47,7 +68,7 @@ class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction
     ctx->saved_data["coef"] = out.coef;
     ctx->saved_data["scale"] = out.scale;
     ctx->saved_data["dtype"] = static_cast<int64_t>(inputs->logp.scalar_type());
-    ctx->saved_data["fused_cpu"] = backend == Backend::FusedCpu;
+    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
     ctx->mark_non_differentiable({out.metrics});
     return {out.loss, out.metrics};
   }
@@ -63,9 +84,8 @@ class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction
       const at::Tensor coef = ctx->saved_data["coef"].toTensor();
       const at::Tensor scale = ctx->saved_data["scale"].toTensor();
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-      grad_logp = ctx->saved_data["fused_cpu"].toBool()
-                      ? cpu::clipped_loss_backward(coef, scale, grad_loss, dtype)
-                      : composed::clipped_loss_backward(coef, scale, grad_loss, dtype);
+      const auto backend = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+      grad_logp = detail::run_clipped_loss_backward(backend, coef, scale, grad_loss, dtype);
     }
     return {grad_logp,      // logp
             at::Tensor(),   // inputs (not a tensor)

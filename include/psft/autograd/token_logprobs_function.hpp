@@ -20,6 +20,10 @@
 #include "psft/core/config.hpp"
 #include "psft/core/logits_options.hpp"
 #include "psft/cpu/logits.hpp"
+// CUDA dispatch hook (see autograd/clipped_loss_function.hpp).
+#if defined(PSFT_WITH_CUDA_KERNELS)
+#include "psft/cuda/logits.hpp"
+#endif
 
 PSFT_NAMESPACE_BEGIN
 namespace detail {
@@ -45,6 +49,10 @@ inline void run_token_logprobs_forward(const char* api, const at::Tensor& logits
   const at::Tensor readable = vocab_contiguous(logits);
   if (backend == Backend::FusedCpu) {
     cpu::token_logprobs_forward(api, readable, labels, opts, logp, entropy, stats);
+#if defined(PSFT_WITH_CUDA_KERNELS)
+  } else if (backend == Backend::FusedCuda) {
+    cuda::token_logprobs_forward(api, readable, labels, opts, logp, entropy, stats);
+#endif
   } else {
     TORCH_CHECK(backend == Backend::Composed, api, ": backend ", backend_name(backend),
                 " has no logits kernel in this build");
@@ -78,7 +86,7 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     ctx->saved_data["temperature"] = opts.temperature;
     ctx->saved_data["entropy_grad"] = opts.entropy_grad;
     ctx->saved_data["composed_chunk_bytes"] = opts.composed_chunk_bytes;
-    ctx->saved_data["fused_cpu"] = backend == Backend::FusedCpu;
+    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
     // Unused outputs reach backward as undefined tensors, not zeros, so a
     // metric-only entropy costs nothing there.
     ctx->set_materialize_grads(false);
@@ -109,11 +117,19 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     at::Tensor grad_logits;  // undefined: nothing reached logp or entropy
     if (grad_logp.defined() || grad_entropy.defined()) {
       const at::Tensor readable = detail::vocab_contiguous(logits);
-      grad_logits =
-          ctx->saved_data["fused_cpu"].toBool()
-              ? cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts)
-              : composed::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy,
-                                                  opts);
+      const auto backend = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+      if (backend == Backend::FusedCpu) {
+        grad_logits =
+            cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
+#if defined(PSFT_WITH_CUDA_KERNELS)
+      } else if (backend == Backend::FusedCuda) {
+        grad_logits =
+            cuda::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
+#endif
+      } else {
+        grad_logits = composed::token_logprobs_backward(readable, labels, stats, grad_logp,
+                                                        grad_entropy, opts);
+      }
     }
     return {grad_logits,    // logits
             at::Tensor(),   // labels (integer)

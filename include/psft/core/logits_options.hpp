@@ -34,10 +34,10 @@ struct LogitsOptions {
   /// tuned GPU loop may turn it off (out-of-range labels then read a clamped
   /// entry instead of failing).
   bool check_inputs = true;
-  /// Which implementation runs the logits pass. Auto: the fused CPU kernel
-  /// for CPU tensors, composed ATen ops elsewhere. In psft_loss_from_logits
-  /// and policy_loss_from_logits, Auto follows LossOptions::backend (except
-  /// FusedCuda: there is no CUDA logits kernel yet).
+  /// Which implementation runs the logits pass. Auto: the fused kernel of
+  /// the logits' device when the build has one (CPU always; CUDA with
+  /// psft's CUDA translation unit), composed ATen ops otherwise. In psft_loss_from_logits
+  /// and policy_loss_from_logits, Auto follows LossOptions::backend.
   Backend backend = Backend::Auto;
   /// Composed backend only: rows are processed in chunks whose float32
   /// [rows, V] temporaries take about this many bytes each (a handful are

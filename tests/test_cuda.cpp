@@ -1,0 +1,280 @@
+// Tests of psft's fused CUDA backend (built with PSFT_CUDA=ON, which compiles
+// psft/cuda/psft_cuda.cu into this binary and defines PSFT_WITH_CUDA_KERNELS).
+// Without a CUDA device every test case prints "skipped: no CUDA device" and
+// passes.
+//
+// Parity: the fused CUDA kernel against the fused CPU kernel on the same
+// inputs (the CPU backend is itself tested against the independent double
+// reference in test_policy_loss.cpp), and the float64 run against
+// reference/clipped_reference.hpp's double-precision loss directly.
+// Before each run the CUDA caching allocator is poisoned with NaN so that an
+// output the kernels forget to write shows up as NaN.
+//
+// Tolerances (relative, loss and metrics relative to max(1, |value|)):
+//   float64  1e-12    float32 / bfloat16 / float16 inputs  1e-5
+//   gradient: float64 1e-12, float32 1e-5, bfloat16 8e-3, float16 1e-3
+// (float accumulation in both backends; exp() differs by an ulp or two).
+
+// LibTorch's logging header defines its own CHECK macro; drop it so that
+// Catch2's is used (as the other tests do).
+#include <ATen/ATen.h>
+#include <torch/cuda.h>
+#undef CHECK
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "psft/psft.hpp"
+
+namespace {
+
+using at::Tensor;
+
+bool have_cuda() {
+  if (torch::cuda::is_available()) return true;
+  WARN("skipped: no CUDA device");
+  return false;
+}
+
+/// Fills the caching allocator's free blocks with NaN bytes.
+void poison_cuda_allocator() {
+  at::full({std::int64_t(1) << 24}, std::numeric_limits<float>::quiet_NaN(),
+           at::TensorOptions().device(at::kCUDA).dtype(at::kFloat));
+}
+
+Tensor metrics_of(const psft::LossResult& r) {
+  const psft::LossMetrics& m = r.metrics;
+  return at::stack({m.clip_frac, m.clip_frac_dual, m.clip_frac_high, m.clip_frac_low,
+                    m.approx_kl_k1, m.approx_kl_k3, m.ratio_mean, m.ratio_min, m.ratio_max,
+                    m.token_count})
+      .to(at::kCPU, at::kDouble);
+}
+
+double max_rel_diff(const Tensor& a, const Tensor& b) {
+  const Tensor x = a.to(at::kCPU, at::kDouble), y = b.to(at::kCPU, at::kDouble);
+  if (x.numel() == 0) return 0.0;
+  return ((x - y).abs() / y.abs().clamp_min(1.0)).max().item<double>();
+}
+
+double grad_tolerance(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return 1e-12;
+    case at::kBFloat16:
+      return 8e-3;
+    case at::kHalf:
+      return 1e-3;
+    default:
+      return 1e-5;
+  }
+}
+
+struct Run {
+  Tensor loss, metrics, grad;
+};
+
+/// One loss + backward on `device` with the given backend.
+Run run(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& mask,
+        const psft::LossOptions& opts, at::Device device) {
+  const auto on = [&](const Tensor& t) { return t.defined() ? t.to(device) : t; };
+  const Tensor x = logp.to(device).detach().requires_grad_();
+  if (device.is_cuda()) poison_cuda_allocator();
+  const psft::LossResult r = psft::policy_loss(x, on(old), on(adv), on(mask), opts);
+  r.loss.backward();
+  return {r.loss.detach().to(at::kCPU), metrics_of(r), x.grad().to(at::kCPU)};
+}
+
+void check_parity(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& mask,
+                  psft::LossOptions opts) {
+  opts.backend = psft::Backend::FusedCpu;
+  const Run cpu = run(logp, old, adv, mask, opts, at::kCPU);
+  opts.backend = psft::Backend::FusedCuda;
+  const Run gpu = run(logp, old, adv, mask, opts, at::kCUDA);
+  const double tol = logp.scalar_type() == at::kDouble ? 1e-12 : 1e-5;
+  CHECK(max_rel_diff(gpu.loss, cpu.loss) <= tol);
+  CHECK(max_rel_diff(gpu.metrics, cpu.metrics) <= tol);
+  REQUIRE(gpu.grad.defined());
+  CHECK(gpu.grad.scalar_type() == logp.scalar_type());
+  CHECK_FALSE(gpu.grad.isnan().any().item<bool>());
+  CHECK(max_rel_diff(gpu.grad, cpu.grad) <= grad_tolerance(logp.scalar_type()));
+}
+
+const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
+                                       psft::Reduction::SeqMeanTokenMean,
+                                       psft::Reduction::SeqMeanTokenSumNorm};
+
+}  // namespace
+
+TEST_CASE("backend_for routes CUDA tensors to the fused CUDA kernel", "[cuda][backend]") {
+  CHECK(psft::has_cuda_kernels());
+  if (!have_cuda()) return;
+  const Tensor t = at::zeros({2}, at::TensorOptions().device(at::kCUDA));
+  CHECK(psft::backend_for(t) == psft::Backend::FusedCuda);
+  CHECK(psft::backend_for(t, psft::Backend::Composed) == psft::Backend::Composed);
+}
+
+TEST_CASE("CUDA kernel matches the CPU kernel: dtypes, reductions, dual clip, shapes",
+          "[cuda][parity]") {
+  if (!have_cuda()) return;
+  const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat, at::kBFloat16, at::kHalf);
+  // Odd sizes exercise the scalar tails; 5000 columns span three units.
+  const std::vector<std::int64_t> shape =
+      GENERATE(std::vector<std::int64_t>{3, 37}, std::vector<std::int64_t>{4, 5000},
+               std::vector<std::int64_t>{8, 256}, std::vector<std::int64_t>{1 << 14});
+  INFO("dtype " << dtype << " shape " << c10::IntArrayRef(shape));
+  at::manual_seed(7);
+  const Tensor logp = (at::randn(shape, at::kDouble) * 0.3 - 1.0).to(dtype);
+  const Tensor old = (logp.to(at::kDouble) + at::randn(shape, at::kDouble) * 0.3).to(at::kFloat);
+  const Tensor adv = at::randn(shape, at::kFloat);
+  const Tensor mask = at::rand(shape, at::kDouble) > 0.2;
+  for (psft::Reduction reduction : kReductions) {
+    if (shape.size() == 1 && reduction != psft::Reduction::TokenMean) continue;
+    for (bool dual : {false, true}) {
+      INFO("reduction " << static_cast<int>(reduction) << " dual " << dual);
+      psft::LossOptions opts;
+      opts.reduction = reduction;
+      if (dual) opts.clip.dual_clip = 3.0;
+      check_parity(logp, old, adv, mask, opts);
+      // PSFT: no advantages, float mask weights.
+      check_parity(logp, old, Tensor(), mask.to(at::kFloat) * 0.5, opts);
+    }
+  }
+}
+
+TEST_CASE("CUDA kernel: non-contiguous and misaligned inputs take the scalar path",
+          "[cuda][parity]") {
+  if (!have_cuda()) return;
+  at::manual_seed(11);
+  const Tensor base = at::randn({64, 41}, at::kFloat);
+  const Tensor logp = base.t();                                         // [41, 64], strided
+  const Tensor old = at::randn({41, 65}, at::kFloat).narrow(1, 1, 64);  // misaligned rows
+  const Tensor adv = at::randn({41, 1}, at::kFloat).expand({41, 64});   // stride 0
+  const Tensor mask = at::rand({41, 128}, at::kFloat).gt(0.3).slice(1, 0, 128, 2);
+  psft::LossOptions opts;
+  opts.reduction = psft::Reduction::SeqMeanTokenMean;
+  check_parity(logp, old, adv, mask, opts);
+}
+
+TEST_CASE("CUDA kernel: float64 matches an independent double computation", "[cuda][reference]") {
+  if (!have_cuda()) return;
+  at::manual_seed(3);
+  const Tensor logp = at::randn({5, 300}, at::kDouble) * 0.2 - 2.0;
+  const Tensor old = logp + at::randn({5, 300}, at::kDouble) * 0.4;
+  psft::LossOptions opts;  // token mean, A = 1: l = -min(r, 1 + eps_high)
+  const Run gpu = run(logp, old, Tensor(), Tensor(), opts, at::kCUDA);
+  const Tensor r = (logp - old).clamp(-20, 20).exp();
+  const double expected = (-at::minimum(r, at::full_like(r, 1.28))).mean().item<double>();
+  CHECK(std::abs(gpu.loss.item<double>() - expected) <= 1e-12 * std::max(1.0, std::abs(expected)));
+  const Tensor expected_grad = at::where(r <= 1.28, -r, at::zeros_like(r)) / 1500.0;
+  CHECK(max_rel_diff(gpu.grad, expected_grad) <= 1e-12);
+}
+
+TEST_CASE("CUDA kernel: empty and fully masked batches give loss 0 and zero gradients",
+          "[cuda][empty]") {
+  if (!have_cuda()) return;
+  const std::vector<std::int64_t> shape =
+      GENERATE(std::vector<std::int64_t>{0, 7}, std::vector<std::int64_t>{4, 0},
+               std::vector<std::int64_t>{4, 7});
+  INFO("shape " << c10::IntArrayRef(shape));
+  for (psft::Reduction reduction : kReductions) {
+    psft::LossOptions opts;
+    opts.reduction = reduction;
+    const Tensor logp = at::randn(shape, at::kFloat);
+    const Tensor mask = at::zeros(shape, at::kBool);
+    const Run gpu = run(logp, at::randn(shape, at::kFloat), Tensor(), mask, opts, at::kCUDA);
+    CHECK(gpu.loss.item<double>() == 0.0);
+    CHECK((gpu.grad == 0).all().item<bool>());
+    const std::vector<double> neutral = {0, 0, 0, 0, 0, 0, 1, 1, 1, 0};
+    CHECK(at::equal(gpu.metrics, at::tensor(neutral, at::kDouble)));
+  }
+}
+
+TEST_CASE("CUDA kernel: results are bitwise reproducible", "[cuda][determinism]") {
+  if (!have_cuda()) return;
+  at::manual_seed(5);
+  const Tensor logp = at::randn({16, 9000}, at::kFloat);
+  const Tensor old = logp + at::randn({16, 9000}, at::kFloat) * 0.3;
+  const Tensor adv = at::randn({16, 9000}, at::kFloat);
+  psft::LossOptions opts;
+  const Run a = run(logp, old, adv, Tensor(), opts, at::kCUDA);
+  const Run b = run(logp, old, adv, Tensor(), opts, at::kCUDA);
+  CHECK(at::equal(a.loss, b.loss));
+  CHECK(at::equal(a.metrics, b.metrics));
+  CHECK(at::equal(a.grad, b.grad));
+}
+
+TEST_CASE("CUDA kernel: NaN old_logp at an unmasked token raises", "[cuda][errors]") {
+  if (!have_cuda()) return;
+  const Tensor logp = at::zeros({2, 3}, at::TensorOptions().device(at::kCUDA));
+  Tensor old = at::zeros({2, 3}, at::TensorOptions().device(at::kCUDA));
+  old.index_put_({1, 2}, std::numeric_limits<double>::quiet_NaN());
+  psft::LossOptions opts;
+  CHECK_THROWS_AS(psft::policy_loss(logp, old, Tensor(), Tensor(), opts), c10::Error);
+}
+
+namespace {
+
+struct LogitsRun {
+  Tensor logp, entropy, grad;
+  psft::Backend backend;
+};
+
+LogitsRun run_logits(const Tensor& logits, const Tensor& labels, psft::LogitsOptions opts,
+                     at::Device device) {
+  const Tensor x = logits.to(device).detach().requires_grad_();
+  if (device.is_cuda()) poison_cuda_allocator();
+  const psft::TokenLogprobs t = psft::token_logprobs(x, labels.to(device), opts);
+  // A loss that reaches every row: sum of w * logp + v * entropy.
+  const Tensor w =
+      at::linspace(-1.0, 1.0, t.logp.numel(), t.logp.options()).reshape(t.logp.sizes());
+  (t.logp * w + t.entropy * 0.5).sum().backward();
+  return {t.logp.detach().to(at::kCPU), t.entropy.detach().to(at::kCPU), x.grad().to(at::kCPU),
+          t.backend};
+}
+
+}  // namespace
+
+TEST_CASE("CUDA logits kernel matches the CPU kernel", "[cuda][logits]") {
+  if (!have_cuda()) return;
+  const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat, at::kBFloat16, at::kHalf);
+  const double temperature = GENERATE(1.0, 0.7);
+  INFO("dtype " << dtype << " temperature " << temperature);
+  at::manual_seed(13);
+  const Tensor logits = (at::randn({3, 5, 1001}, at::kDouble) * 3.0).to(dtype);
+  Tensor labels = at::randint(0, 1001, {3, 5}, at::kLong);
+  labels.index_put_({0, 1}, -100);  // ignored rows: zeros, not read
+  labels.index_put_({2, 4}, -100);
+  psft::LogitsOptions opts;
+  opts.temperature = temperature;
+  opts.entropy_grad = true;
+  opts.backend = psft::Backend::FusedCpu;
+  const LogitsRun cpu = run_logits(logits, labels, opts, at::kCPU);
+  opts.backend = psft::Backend::Auto;
+  const LogitsRun gpu = run_logits(logits, labels, opts, at::kCUDA);
+  CHECK(gpu.backend == psft::Backend::FusedCuda);
+  const double tol = dtype == at::kDouble ? 1e-12 : 1e-5;
+  CHECK(max_rel_diff(gpu.logp, cpu.logp) <= tol);
+  CHECK(max_rel_diff(gpu.entropy, cpu.entropy) <= tol);
+  CHECK(gpu.grad.scalar_type() == dtype);
+  CHECK_FALSE(gpu.grad.isnan().any().item<bool>());
+  CHECK(max_rel_diff(gpu.grad, cpu.grad) <= grad_tolerance(dtype));
+}
+
+TEST_CASE("CUDA logits kernel: empty batch and bad inputs", "[cuda][logits][errors]") {
+  if (!have_cuda()) return;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  psft::LogitsOptions opts;
+  const psft::TokenLogprobs empty = psft::token_logprobs(
+      at::zeros({0, 4, 10}, cuda), at::zeros({0, 4}, cuda.dtype(at::kLong)), opts);
+  CHECK(empty.logp.numel() == 0);
+  Tensor logits = at::zeros({2, 10}, cuda);
+  logits.index_put_({1, 3}, std::numeric_limits<double>::quiet_NaN());
+  CHECK_THROWS_AS(psft::token_logprobs(logits, at::ones({2}, cuda.dtype(at::kLong)), opts),
+                  c10::Error);
+  CHECK_THROWS_AS(psft::token_logprobs(at::zeros({2, 10}, cuda),
+                                       at::full({2}, 10, cuda.dtype(at::kLong)), opts),
+                  c10::Error);
+}
