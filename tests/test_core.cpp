@@ -30,6 +30,7 @@
 #include "psft/core/validate.hpp"
 #include "psft/eigen/policy_loss.hpp"
 #include "reference/clipped_reference.hpp"
+#include "support/reference_adapter.hpp"
 
 namespace {
 
@@ -43,38 +44,9 @@ const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reducti
                                        psft::Reduction::SeqMeanTokenMean,
                                        psft::Reduction::SeqMeanTokenSumNorm};
 
-reference::Aggregation aggregation_of(psft::Reduction r) {
-  switch (r) {
-    case psft::Reduction::TokenMean:
-      return reference::Aggregation::TokenMean;
-    case psft::Reduction::SeqMeanTokenSum:
-      return reference::Aggregation::SeqMeanTokenSum;
-    case psft::Reduction::SeqMeanTokenMean:
-      return reference::Aggregation::SeqMeanTokenMean;
-    case psft::Reduction::SeqMeanTokenSumNorm:
-      return reference::Aggregation::SeqMeanTokenSumNorm;
-  }
-  throw std::logic_error("unknown reduction");
-}
-
 const char* name_of(psft::Reduction r) { return psft::core::reduction_name(r); }
 
-/// The reference's settings for psft options.
-reference::Settings settings_for(const psft::LossOptions& o) {
-  reference::Settings s;
-  s.eps_low = o.clip.eps_low;
-  s.eps_high = o.clip.eps_high;
-  s.dual_clip = o.clip.dual_clip;
-  s.log_ratio_clamp = o.clip.log_ratio_clamp;
-  s.aggregation = aggregation_of(o.reduction);
-  s.norm_constant = o.norm_constant;
-  if (o.normaliser) {
-    s.global_tokens = o.normaliser->tokens;
-    s.global_sequences = o.normaliser->sequences;
-    s.world_size = static_cast<double>(o.normaliser->world_size);
-  }
-  return s;
-}
+using test_support::settings_for;
 
 template <class T>
 std::vector<double> to_vector(const Array<T>& a) {
