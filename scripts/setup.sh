@@ -6,7 +6,9 @@
 #                    Doxygen, clang-format, and libtorch-dev (LibTorch 1.13,
 #                    the oldest LibTorch psft supports).
 #   PyPI:            the torch wheel (LibTorch 2.x) in a virtual environment
-#                    kept outside the clone, so later runs and CI reuse it.
+#                    kept outside the clone, so later runs and CI reuse it;
+#                    in the same environment, matplotlib (the demo's plot)
+#                    and conan (the Conan package test).
 #
 # The package managers' output goes to a log file; its end is shown if a
 # step fails.
@@ -67,3 +69,10 @@ if ! "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
   logged "$venv/bin/python" -m pip install -q --upgrade pip
   logged "$venv/bin/python" -m pip install -q "$torch_req" numpy
 fi
+# Small tools, checked one by one so that adding one later installs only it.
+for tool in matplotlib conan; do
+  if ! "$venv/bin/python" -c "import $tool" >/dev/null 2>&1; then
+    echo "setup: installing $tool into $venv (log: $log)"
+    logged "$venv/bin/python" -m pip install -q "$tool"
+  fi
+done
