@@ -8,8 +8,17 @@
 #
 # A distribution LibTorch may sit in the default include path, so the
 # torch-free units also fail if a LibTorch macro became defined. Every unit
-# fails if <torch/torch.h> (or the torch::nn front end) came in. CUDA headers
-# (*.cuh) are left to the CUDA build.
+# fails if <torch/torch.h> (or the torch::nn front end) came in, except the
+# training layer:
+#
+#   psft/train/*.hpp, psft/train.hpp  may use the torch::nn front end pieces
+#     they need (Module, Cloneable, optim, serialize), but not <torch/torch.h>
+#     nor the whole module zoo of <torch/nn.h>
+#
+# (OldPolicy clones and serialises torch::nn modules and the schedules drive
+# torch::optim optimizers, which is the point of that layer; it stays out of
+# the umbrella <psft/psft.hpp>, so loss-only consumers still pay nothing for
+# it.) CUDA headers (*.cuh) are left to the CUDA build.
 include_guard(GLOBAL)
 
 function(psft_add_header_check)
@@ -35,6 +44,28 @@ function(psft_add_header_check)
 #error "@header@ pulls in <torch/torch.h> or torch::nn; include the ATen/autograd headers it uses"
 #endif]])
 
+  # The training layer's rule: a declaration that only <torch/torch.h> (via
+  # <torch/data.h>) or the full <torch/nn.h> completes must stay incomplete.
+  set(no_torch_umbrella
+      [[
+#include <type_traits>
+namespace torch {
+namespace data {
+struct DataLoaderOptions;
+}
+namespace nn {
+class TransformerImpl;
+}
+}  // namespace torch
+template <typename T, typename = void>
+struct psft_header_check_is_complete : std::false_type {};
+template <typename T>
+struct psft_header_check_is_complete<T, std::void_t<decltype(sizeof(T))>> : std::true_type {};
+static_assert(!psft_header_check_is_complete<torch::data::DataLoaderOptions>::value,
+              "@header@ pulls in <torch/torch.h>; include the torch::nn pieces it uses");
+static_assert(!psft_header_check_is_complete<torch::nn::TransformerImpl>::value,
+              "@header@ pulls in all of <torch/nn.h>; include the torch::nn pieces it uses");]])
+
   set(core_sources "")
   set(eigen_sources "")
   set(torch_sources "")
@@ -45,6 +76,11 @@ function(psft_add_header_check)
     elseif(header MATCHES "^psft/eigen/")
       set(layer eigen)
       set(checks "${no_libtorch}\n${no_torch_frontend}")
+    elseif(header MATCHES "^psft/train/" OR header STREQUAL "psft/train.hpp")
+      # The training layer uses the torch::nn front end on purpose (see the
+      # top of this file), so TORCH_MODULE may be defined there.
+      set(layer torch)
+      set(checks "${no_torch_umbrella}")
     else()
       set(layer torch)
       set(checks "${no_torch_frontend}")

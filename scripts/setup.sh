@@ -4,7 +4,8 @@
 #
 #   Debian packages: compiler, CMake, Ninja, Catch2, Eigen, Google Benchmark,
 #                    Doxygen, clang-format, and libtorch-dev (LibTorch 1.13,
-#                    the oldest LibTorch psft supports).
+#                    the oldest LibTorch psft supports), libgloo-dev (gloo's
+#                    headers, for the Gloo tests and example).
 #   PyPI:            the torch wheel (LibTorch 2.x) in a virtual environment
 #                    kept outside the clone, so later runs and CI reuse it;
 #                    in the same environment, matplotlib (the demo's plot)
@@ -30,7 +31,7 @@ debian_packages=(
   build-essential cmake ninja-build pkg-config git
   python3 python3-venv python3-pip
   catch2 libeigen3-dev libbenchmark-dev doxygen clang-format
-  libtorch-dev
+  libtorch-dev libgloo-dev
 )
 
 # Runs a command with its output appended to $log; on failure shows the end

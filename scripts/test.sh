@@ -12,8 +12,16 @@
 #   cuda-build  PSFT_CUDA=ON against the torch wheel, build/cuda: builds only
 #             the CUDA test binary (nvcc, sm_80 and sm_90) and runs it, which
 #             skips without a GPU; the phase is skipped when nvcc is absent
+#   docs      scripts/check-docs.sh: Doxygen API reference (docs/Doxyfile)
+#             over the public headers and docs/*.md, failing on any warning
+#   packaging scripts/check-packaging.sh: the vcpkg port staged with the
+#             portfile's own options and consumed, and `conan create` of
+#             conanfile.py with test_package/, offline (build/packaging)
+#   notebooks scripts/check-notebooks.sh: the code cells of each
+#             examples/notebooks/*.ipynb compiled with g++ and run
+#             (build/notebooks)
 #   format    clang-format --dry-run --Werror over include/ tests/
-#             benchmarks/ examples/
+#             benchmarks/ examples/ test_package/
 #
 # Build trees live under build/ in the clone and are reused, so later runs are
 # incremental. Stops at the first failing phase.
@@ -22,6 +30,11 @@
 #   PSFT_SKIP_COMPAT=1    leave out the LibTorch 1.13 phase
 #   PSFT_SKIP_SANITIZE=1  leave out the sanitizer phase
 #   PSFT_SKIP_CUDA=1      leave out the cuda-build phase
+#   PSFT_SKIP_DOCS=1, PSFT_SKIP_PACKAGING=1, PSFT_SKIP_NOTEBOOKS=1
+#                         leave out the docs, packaging or notebooks phase
+#   PSFT_CLING_VENV       a virtual environment with cppyy: the notebooks
+#                         phase also runs them under cling (see
+#                         scripts/check-notebooks.sh)
 #   CUDACXX               the nvcc to use (default: nvcc on PATH, else
 #                         /usr/local/cuda/bin/nvcc)
 #   PSFT_JOBS             parallel build and test jobs (default: CPU count)
@@ -125,11 +138,33 @@ if [ "${PSFT_SKIP_CUDA:-0}" != 1 ]; then
   end
 fi
 
+if [ "${PSFT_SKIP_DOCS:-0}" != 1 ]; then
+  begin docs
+  ./scripts/check-docs.sh
+  end
+fi
+
+if [ "${PSFT_SKIP_PACKAGING:-0}" != 1 ]; then
+  begin packaging
+  ./scripts/check-packaging.sh
+  end
+fi
+
+if [ "${PSFT_SKIP_NOTEBOOKS:-0}" != 1 ]; then
+  begin notebooks
+  PSFT_JOBS="$jobs" ./scripts/check-notebooks.sh
+  end
+fi
+
 begin format
 clang_format="${CLANG_FORMAT:-clang-format}"
 "$clang_format" --version
-mapfile -t sources < <(find include tests benchmarks examples -type f \
-  \( -name '*.hpp' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.cu' \) | sort)
+# test_package/: its own sources only, not a build folder Conan may leave there.
+mapfile -t sources < <({
+  find include tests benchmarks examples -type f \
+    \( -name '*.hpp' -o -name '*.h' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.cu' \)
+  find test_package -maxdepth 1 -type f -name '*.cpp'
+} | sort)
 unformatted=()
 for source in "${sources[@]}"; do
   "$clang_format" --dry-run --Werror "$source" >/dev/null 2>&1 || unformatted+=("$source")

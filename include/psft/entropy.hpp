@@ -150,10 +150,13 @@ class EntropyTracker {
   double drop() const { return drop_; }
   /// Highest value of the window that ends at the latest step.
   double window_peak() const { return peak_; }
+  /// Steps looked back (by step number, the latest included).
   std::int64_t window() const { return window_; }
+  /// The fractional drop below the window's peak that flags a collapse.
   double max_drop() const { return max_drop_; }
-  /// The recorded series.
+  /// The recorded steps.
   const std::vector<std::int64_t>& steps() const { return steps_; }
+  /// The recorded values, one per step.
   const std::vector<double>& values() const { return values_; }
 
  private:

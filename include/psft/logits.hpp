@@ -189,6 +189,8 @@ inline LogitsLossResult clipped_loss_from_logits(
 ///               stride other than 1 is copied to contiguous once per pass.
 /// \param labels int64, logits' shape without V: the token scored at each
 ///               position (Note [Label shift]: no shift is applied).
+/// \param opts   ignore_index, temperature, whether to compute the entropy
+///               and whether it is differentiable (LogitsOptions).
 /// \throws c10::Error naming the argument: labels outside [0, V) other than
 ///         ignore_index, a NaN or +inf logit (or a row that is -inf over the
 ///         whole vocabulary) at a scored token, bad shapes, dtypes, devices

@@ -38,8 +38,11 @@ struct LossMetrics {
   at::Tensor approx_kl_k1;
   /// mean(r - 1 - log r): k3 estimate of KL(old || new), >= 0.
   at::Tensor approx_kl_k3;
+  /// mean(r) over unmasked tokens.
   at::Tensor ratio_mean;
+  /// min(r) over unmasked tokens (1 with none).
   at::Tensor ratio_min;
+  /// max(r) over unmasked tokens (1 with none).
   at::Tensor ratio_max;
   /// Sum of mask weights (the token count for a 0/1 mask).
   at::Tensor token_count;
@@ -60,6 +63,7 @@ struct LossResult {
   /// The aggregated loss, 0-d, float32 (float64 for float64 logp). Connected
   /// to logp's graph even when every token is masked.
   at::Tensor loss;
+  /// Trust-region metrics of the batch (0-d tensors, not differentiable).
   LossMetrics metrics;
 };
 
@@ -104,6 +108,7 @@ inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at
 /// \param advantages  [B, T], [B, 1], [B] (one per sequence) or 0-d.
 /// \param mask        same shape as logp, bool or float weights; undefined
 ///                    tensor: every token counts.
+/// \param opts        clip settings, reduction, normaliser, NaN check, backend.
 /// \throws c10::Error naming the argument on bad input (see LossOptions for
 ///         the NaN/Inf check and its opt-out).
 inline LossResult policy_loss(const at::Tensor& logp, const at::Tensor& old_logp,

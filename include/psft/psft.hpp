@@ -2,9 +2,14 @@
 /// \file
 /// Umbrella header: everything a LibTorch trainer needs from psft.
 ///
-///   #include <psft/psft.hpp>
-///   auto result = psft::psft_loss(logp, old_logp, mask);
-///   result.loss.backward();
+/// \code
+/// #include <psft/psft.hpp>
+/// auto result = psft::psft_loss(logp, old_logp, mask);
+/// result.loss.backward();
+/// \endcode
+///
+/// The training-loop helpers (OldPolicy, schedules, recipe defaults) use the
+/// torch::nn front end and live in <psft/train.hpp>.
 
 #include "psft/backend.hpp"
 #include "psft/core/options.hpp"
@@ -12,4 +17,5 @@
 #include "psft/logits.hpp"
 #include "psft/normaliser.hpp"
 #include "psft/policy_loss.hpp"
+#include "psft/sft_loss.hpp"
 #include "psft/version.hpp"

@@ -58,6 +58,8 @@ namespace autograd {
 /// Gradient flows to logp only; old_logp, advantages and mask are constants.
 class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction> {
  public:
+  /// Computes the loss and metrics in one fused pass and saves what backward
+  /// needs (the per-token gradient coefficients). Returns {loss, metrics}.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& logp,
                                                 const detail::ClippedLossInputs* inputs,
@@ -73,6 +75,7 @@ class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction
     return {out.loss, out.metrics};
   }
 
+  /// d loss / d logp from the saved coefficients; one entry per forward input.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),

@@ -70,6 +70,8 @@ namespace autograd {
 /// differentiable only when opts.entropy_grad.
 class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunction> {
  public:
+  /// Log-probabilities of the labels and token entropies from the logits,
+  /// one fused pass. Returns {logp, entropy}.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& logits, const at::Tensor& labels,
                                                 const LogitsOptions& opts, Backend backend,
@@ -94,6 +96,8 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     return {logp, entropy};
   }
 
+  /// d / d logits from the incoming gradients of logp (and of the entropy
+  /// when it is differentiable); one entry per forward input.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),

@@ -27,9 +27,19 @@ namespace composed {
 
 /// Per-token terms of the objective as [rows, cols] tensors.
 struct TokenTerms {
+  ///@{
+  /// Inputs as used: mask weight, whether the token counts, its advantage.
   at::Tensor weight, valid, advantage;
+  ///@}
+  ///@{
+  /// Clamped log-ratio, ratio r and per-token loss l.
   at::Tensor clamped, ratio, token_loss;
+  ///@}
+  ///@{
+  /// Indicators: a clip binds, the dual clip binds, the token is in the trust
+  /// region (its gradient is not zeroed).
   at::Tensor clipped, clipped_dual, trusted;
+  ///@}
 };
 
 /// core::clipped_objective on whole tensors (Note [Composed path mirrors core]).

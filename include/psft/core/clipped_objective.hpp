@@ -21,10 +21,10 @@ namespace core {
 /// no dual clip.
 template <class T>
 struct ClipParams {
-  T eps_low;
-  T eps_high;
-  T dual_clip;
-  T log_ratio_clamp;
+  T eps_low;          ///< lower clip: r >= 1 - eps_low
+  T eps_high;         ///< upper clip: r <= 1 + eps_high
+  T dual_clip;        ///< dual clip c for A < 0; <= 0: none
+  T log_ratio_clamp;  ///< |logp - old_logp| is clamped to this before exp
 };
 
 // Note [Why the log-ratio clamp]
@@ -124,11 +124,12 @@ PSFT_HOST_DEVICE inline bool in_trust_region(T logp, T old_logp, T advantage,
 
 /// Approximate KL(old || new) estimators from a clamped log-ratio d = logp -
 /// old_logp, for tokens sampled from the old policy: k1 = -d, k3 = e^d - 1 - d
-/// (Schulman's unbiased, non-negative estimator).
+/// (Schulman's unbiased, non-negative estimator). This one is k1.
 template <class T>
 PSFT_HOST_DEVICE inline T approx_kl_k1(T clamped_log_ratio) {
   return -clamped_log_ratio;
 }
+/// The k3 estimator e^d - 1 - d, given d and the ratio r = e^d already computed.
 template <class T>
 PSFT_HOST_DEVICE inline T approx_kl_k3(T clamped_log_ratio, T ratio) {
   return ratio - T(1) - clamped_log_ratio;

@@ -18,10 +18,10 @@ struct MetricValues {
   double clip_frac_low;   ///< TRL low clip ratio
   double approx_kl_k1;    ///< mean(old_logp - logp)
   double approx_kl_k3;    ///< mean(r - 1 - log r)
-  double ratio_mean;
-  double ratio_min;
-  double ratio_max;
-  double token_count;  ///< sum of mask weights
+  double ratio_mean;      ///< mean(r)
+  double ratio_min;       ///< min(r) over unmasked tokens
+  double ratio_max;       ///< max(r) over unmasked tokens
+  double token_count;     ///< sum of mask weights
 };
 
 /// Number of values in MetricValues, in declaration order.
@@ -29,12 +29,19 @@ constexpr int kMetricCount = 10;
 
 /// Running sums of one chunk of tokens; merge() combines chunks exactly.
 struct MetricSums {
-  double weight = 0;  // sum of mask weights
+  double weight = 0;  ///< sum of mask weights
+  ///@{
+  /// Weighted counts of tokens where each clip indicator holds (see
+  /// MetricValues for which fraction is which).
   double clipped = 0, clipped_dual = 0, clipped_high = 0, clipped_low = 0;
+  ///@}
+  ///@{
+  /// Weighted sums of the KL estimators k1, k3 and of the ratio.
   double kl_k1 = 0, kl_k3 = 0, ratio = 0;
+  ///@}
   // __builtin_huge_val: +inf usable in device code without nvcc's relaxed-constexpr flag.
-  double ratio_min = __builtin_huge_val();
-  double ratio_max = -__builtin_huge_val();
+  double ratio_min = __builtin_huge_val();   ///< smallest ratio seen (+inf if none)
+  double ratio_max = -__builtin_huge_val();  ///< largest ratio seen (-inf if none)
 
   /// Adds one token with mask weight w > 0.
   template <class T>
@@ -53,6 +60,7 @@ struct MetricSums {
     ratio_max = r > ratio_max ? r : ratio_max;
   }
 
+  /// Adds another chunk's sums (exact: sums add, extrema combine).
   PSFT_HOST_DEVICE void merge(const MetricSums& o) {
     weight += o.weight;
     clipped += o.clipped;

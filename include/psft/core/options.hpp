@@ -80,8 +80,8 @@ enum class Backend {
 
 /// Options of policy_loss and psft_loss.
 struct LossOptions {
-  ClipOptions clip;
-  Reduction reduction = Reduction::TokenMean;
+  ClipOptions clip;                            ///< eps_low, eps_high, dual clip, log-ratio clamp
+  Reduction reduction = Reduction::TokenMean;  ///< how per-token losses are aggregated
   /// Global counts of the optimizer step. Unset: the batch passed in is the
   /// whole optimizer step and its own counts are used.
   std::optional<Normaliser> normaliser;
@@ -92,6 +92,7 @@ struct LossOptions {
   /// percent); on other devices it costs one host-device synchronisation,
   /// so set it to false in a tuned GPU loop.
   bool check_finite = true;
+  /// Which implementation runs; Auto picks the fused kernel for the device.
   Backend backend = Backend::Auto;
 };
 

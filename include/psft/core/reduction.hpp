@@ -59,11 +59,13 @@ PSFT_HOST_DEVICE inline double global_factor(Reduction r, const ReductionCounts&
 /// error message: a global count smaller than the batch's
 /// own count is a bug in the caller's bookkeeping. Host only.
 struct RowReduction {
-  std::string error;  ///< empty on success
-  double loss = 0.0;
-  double global_factor = 0.0;
+  std::string error;           ///< empty on success
+  double loss = 0.0;           ///< the aggregated loss
+  double global_factor = 0.0;  ///< the reduction's global scale of every row
 };
 
+/// Aggregates per-row sums into RowReduction and writes each row's gradient
+/// scale; see RowReduction for the contract.
 inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
                                 const double* row_loss, const double* row_tokens,
                                 double* row_scale) {

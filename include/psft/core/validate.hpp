@@ -14,6 +14,7 @@
 PSFT_NAMESPACE_BEGIN
 namespace core {
 
+/// The reduction's enumerator name ("TokenMean", ...), for messages.
 inline const char* reduction_name(Reduction r) {
   switch (r) {
     case Reduction::TokenMean:

@@ -33,6 +33,7 @@ inline StridedInput strided_input(const at::Tensor& t) {
   return in;
 }
 
+/// ClipOptions converted to the kernel's accumulation type.
 template <class acc_t>
 core::ClipParams<acc_t> clip_params(const ClipOptions& c) {
   return {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),

@@ -39,10 +39,10 @@ namespace cpu {
 /// A read-only [rows, cols] view of any dtype and strides (in elements).
 /// data == nullptr means "absent" (the kernel substitutes its default).
 struct StridedInput {
-  const void* data = nullptr;
-  c10::ScalarType dtype = c10::ScalarType::Float;
-  std::int64_t row_stride = 0;
-  std::int64_t col_stride = 0;
+  const void* data = nullptr;                      ///< first element, or nullptr
+  c10::ScalarType dtype = c10::ScalarType::Float;  ///< element type
+  std::int64_t row_stride = 0;                     ///< 0 for a [cols] input
+  std::int64_t col_stride = 0;                     ///< stride between columns
 };
 
 /// Tokens per work unit. Units are rows cut into fixed-length chunks, so
@@ -60,10 +60,13 @@ constexpr std::int64_t kBlock = 256;
 
 /// Partial results of one unit.
 struct UnitPartial {
-  double loss = 0;    // sum of w * l
-  double tokens = 0;  // sum of w
-  core::MetricSums metrics;
+  double loss = 0;           ///< sum of w * l
+  double tokens = 0;         ///< sum of w
+  core::MetricSums metrics;  ///< metric sums of the unit
+  ///@{
+  /// Whether a non-finite old_logp / advantage or a bad mask weight was seen.
   bool bad_old = false, bad_advantage = false, bad_mask = false;
+  ///@}
 };
 
 /// Converts n elements of row `row` starting at column `col` to acc_t.
@@ -209,19 +212,28 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
 
 /// Everything the forward kernel reads.
 struct ForwardArgs {
+  ///@{
+  /// The [rows, cols] shape (rows = 1 for a flat input).
   std::int64_t rows = 0, cols = 0;
+  ///@}
+  ///@{
+  /// Current and old log-probabilities.
   StridedInput logp, old_logp;
-  StridedInput advantages;  ///< absent: A = 1 (PSFT)
-  StridedInput mask;        ///< absent: every token counts with weight 1
-  bool check_finite = true;
+  ///@}
+  StridedInput advantages;   ///< absent: A = 1 (PSFT)
+  StridedInput mask;         ///< absent: every token counts with weight 1
+  bool check_finite = true;  ///< report non-finite inputs (LossOptions::check_finite)
 };
 
 /// What the forward kernel produces.
 struct ForwardResult {
   std::vector<double> row_loss;    ///< sum_t w l per row
   std::vector<double> row_tokens;  ///< sum_t w per row
-  core::MetricSums metrics;
+  core::MetricSums metrics;        ///< metric sums over all tokens
+  ///@{
+  /// Whether a non-finite old_logp / advantage or a bad mask weight was seen.
   bool bad_old = false, bad_advantage = false, bad_mask = false;
+  ///@}
 };
 
 /// One pass over the tokens. Writes coef[r * cols + c] = w dl/dlogp (before

@@ -58,12 +58,12 @@ constexpr std::int64_t kVocabBlock = 2048;
 /// dimension has stride 1. Row r of a [B, T, V] tensor is (r / T, r % T);
 /// a [N, V] tensor has inner_size N and outer_stride 0. All in elements.
 struct LogitsRows {
-  const void* data = nullptr;
-  std::int64_t rows = 0;
-  std::int64_t vocab = 0;
-  std::int64_t inner_size = 1;  ///< T ([B, T, V]) or N ([N, V])
-  std::int64_t outer_stride = 0;
-  std::int64_t inner_stride = 0;
+  const void* data = nullptr;     ///< first logit
+  std::int64_t rows = 0;          ///< number of rows (B * T or N)
+  std::int64_t vocab = 0;         ///< V
+  std::int64_t inner_size = 1;    ///< T ([B, T, V]) or N ([N, V])
+  std::int64_t outer_stride = 0;  ///< stride of B (0 for [N, V])
+  std::int64_t inner_stride = 0;  ///< stride of T (or N)
 
   /// Element offset of row r's first logit. int64 throughout: one tensor may
   /// hold more than 2^31 logits.

@@ -27,19 +27,19 @@ constexpr int kEntryVersion = 1;
 /// Clip and reduction settings of one loss call (mirror of
 /// psft::ClipOptions and psft::LossOptions, resolved).
 struct ClippedLossConfig {
-  double eps_low = 0.2;
-  double eps_high = 0.28;
-  double dual_clip = 0.0;  ///< <= 0: none
-  double log_ratio_clamp = 20.0;
-  int reduction = 0;  ///< static_cast<int>(psft::Reduction)
-  bool has_tokens = false;
-  double tokens = 0.0;  ///< normaliser.tokens when has_tokens
-  bool has_sequences = false;
-  double sequences = 0.0;  ///< normaliser.sequences when has_sequences
-  double norm_constant = 0.0;
-  double world_size = 1.0;
-  bool check_finite = true;
-  bool need_grad = true;
+  double eps_low = 0.2;           ///< ClipOptions::eps_low
+  double eps_high = 0.28;         ///< ClipOptions::eps_high
+  double dual_clip = 0.0;         ///< <= 0: none
+  double log_ratio_clamp = 20.0;  ///< ClipOptions::log_ratio_clamp
+  int reduction = 0;              ///< static_cast<int>(psft::Reduction)
+  bool has_tokens = false;        ///< the normaliser supplies a token count
+  double tokens = 0.0;            ///< normaliser.tokens when has_tokens
+  bool has_sequences = false;     ///< the normaliser supplies a sequence count
+  double sequences = 0.0;         ///< normaliser.sequences when has_sequences
+  double norm_constant = 0.0;     ///< C of seq-mean-token-sum-norm (resolved)
+  double world_size = 1.0;        ///< data-parallel size D
+  bool check_finite = true;       ///< LossOptions::check_finite
+  bool need_grad = true;          ///< also write the gradient coefficients
 };
 
 /// What the forward kernels produce, all on logp's device.

@@ -27,9 +27,9 @@ using TokenArray = Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 /// Loss, gradient with respect to logp, and metrics.
 template <class T>
 struct LossResult {
-  T loss;
-  TokenArray<T> grad;  ///< d loss / d logp
-  core::MetricValues metrics;
+  T loss;                      ///< the aggregated loss
+  TokenArray<T> grad;          ///< d loss / d logp
+  core::MetricValues metrics;  ///< clip fractions, KL, ratio statistics
 };
 
 namespace detail {

@@ -1,0 +1,179 @@
+#pragma once
+/// \file
+/// The supervised fine-tuning objectives PSFT is compared with, on the same
+/// per-token log-probabilities and with the same aggregation
+/// (LossOptions::reduction, normaliser, norm_constant) as psft_loss:
+///
+///   Nll  l_t = -log p_t                       plain SFT (cross-entropy)
+///   Dft  l_t = -sg(p_t) log p_t               Dynamic Fine-Tuning, sg = stop-gradient
+///
+/// DFT's gradient, -p_t d log p_t, is the NLL's gradient weighted by the
+/// token's own probability, so tokens the model finds unlikely move less.
+///
+///   auto r = psft::sft_loss(logp, mask, psft::SftVariant::Dft);
+///   r.loss.backward();
+
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "psft/core/config.hpp"
+#include "psft/core/options.hpp"
+#include "psft/core/reduction.hpp"
+#include "psft/core/validate.hpp"
+#include "psft/detail/checks.hpp"
+#include "psft/detail/clipped_loss_types.hpp"
+#include "psft/logits.hpp"
+
+PSFT_NAMESPACE_BEGIN
+
+/// Which SFT objective sft_loss computes.
+enum class SftVariant {
+  /// Negative log-likelihood, l = -log p (plain SFT).
+  Nll,
+  /// Dynamic Fine-Tuning, l = -sg(p) log p (arXiv 2508.05629).
+  Dft,
+};
+
+/// Result of sft_loss.
+struct SftLossResult {
+  /// The aggregated loss, 0-d, float32 (float64 for float64 logp),
+  /// connected to logp's graph even when every token is masked.
+  at::Tensor loss;
+  /// Mask-weighted mean of -log p over this batch's tokens (0-d float64,
+  /// detached; 0 without tokens), whatever the variant: comparable across
+  /// runs.
+  at::Tensor nll_mean;
+  /// Sum of mask weights of this batch (0-d float64).
+  at::Tensor token_count;
+};
+
+/// The SFT objective `variant` on per-token log-probabilities, aggregated
+/// exactly as psft_loss aggregates its per-token losses (Reduction,
+/// Normaliser for gradient accumulation and data parallel, norm_constant;
+/// opts.clip and opts.backend are not used).
+///
+/// Note [SFT reduction on the host]: the per-row token counts are read to
+/// the host and turned into row factors by core::reduce_rows, the same code
+/// the fused clipped loss uses, so both objectives share one definition of
+/// every reduction. That read is one host-device synchronisation per call on
+/// an accelerator (free on the CPU).
+///
+/// \param logp    [B, T] or [N] log-probabilities of the target tokens,
+///                any float dtype; differentiable.
+/// \param mask    same shape, bool or float weights; undefined: every token
+///                counts.
+/// \param variant Nll or Dft.
+/// \param opts    reduction, normaliser, norm_constant, check_finite (mask
+///                weights must then be finite and >= 0).
+/// \throws c10::Error naming the argument on bad input.
+inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
+                              SftVariant variant = SftVariant::Nll, const LossOptions& opts = {}) {
+  const char* api = "psft::sft_loss";
+  detail::check_float_tensor(api, "logp", logp);
+  TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api, ": logp must have shape [B, T] or [N], got ",
+              logp.sizes());
+  if (mask.defined()) {
+    TORCH_CHECK(mask.scalar_type() == at::kBool || detail::is_float_dtype(mask.scalar_type()), api,
+                ": mask must be bool or floating (token weights), got ", mask.scalar_type());
+    TORCH_CHECK(mask.device() == logp.device(), api, ": mask is on ", mask.device(),
+                " but logp is on ", logp.device());
+    TORCH_CHECK(mask.sizes() == logp.sizes(), api, ": mask must have logp's shape ", logp.sizes(),
+                ", got ", mask.sizes());
+  }
+  TORCH_CHECK(variant == SftVariant::Nll || variant == SftVariant::Dft, api,
+              ": variant must be SftVariant::Nll or SftVariant::Dft, got ",
+              static_cast<int>(variant));
+  const std::string options_error = core::loss_options_error(opts, static_cast<int>(logp.dim()));
+  TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+
+  const std::int64_t rows = logp.dim() == 2 ? logp.size(0) : 1;
+  const std::int64_t cols = logp.dim() == 2 ? logp.size(1) : logp.size(0);
+  const at::ScalarType acc = detail::accumulate_type(logp.scalar_type());
+  const at::Tensor lp = logp.reshape({rows, cols}).to(acc);
+  const at::Tensor weight =
+      mask.defined() ? mask.detach().reshape({rows, cols}).to(acc) : at::ones_like(lp).detach();
+  const at::Tensor valid = weight != 0;
+  if (opts.check_finite) {
+    TORCH_CHECK(at::logical_and(weight.isfinite(), weight >= 0).all().item<bool>(), api,
+                ": mask has a negative, NaN or Inf weight");
+  }
+  const at::Tensor token_loss = variant == SftVariant::Nll ? -lp : -lp.detach().exp() * lp;
+  const at::Tensor zero = at::zeros({}, lp.options().requires_grad(false));
+  // Masked tokens contribute nothing, whatever their values (even -inf).
+  const at::Tensor row_loss = at::where(valid, token_loss * weight, zero).sum(1);
+  const at::Tensor row_tokens = at::where(valid, weight, zero).sum(1, false, at::kDouble);
+
+  // Row factors from the shared reduction code (Note [SFT reduction on the host]).
+  const at::Tensor row_tokens_host = row_tokens.cpu().contiguous();
+  std::vector<double> row_loss_unused(static_cast<std::size_t>(rows), 0.0);
+  at::Tensor row_scale = at::empty({rows}, at::TensorOptions().dtype(at::kDouble));
+  const core::RowReduction reduced =
+      core::reduce_rows(opts, rows, cols, row_loss_unused.data(),
+                        row_tokens_host.data_ptr<double>(), row_scale.data_ptr<double>());
+  TORCH_CHECK(reduced.error.empty(), api, ": ", reduced.error);
+
+  SftLossResult result;
+  result.loss = (row_loss * row_scale.to(lp.device()).to(acc)).sum();
+  const at::Tensor count = row_tokens.sum();
+  result.token_count = count;
+  const at::Tensor nll_sum = at::where(valid, -lp.detach() * weight, zero).sum(at::kDouble);
+  result.nll_mean = at::where(count > 0, nll_sum / count.clamp_min(1e-300), at::zeros_like(count));
+  return result;
+}
+
+/// Result of sft_loss_from_logits: the loss and the per-token outputs of the
+/// logits pass, for logging.
+struct SftLogitsLossResult {
+  /// The aggregated loss (as sft_loss).
+  at::Tensor loss;
+  /// Mask-weighted mean of -log p (as sft_loss).
+  at::Tensor nll_mean;
+  /// Number of scored labels (0-d float64).
+  at::Tensor token_count;
+  /// Per-token log-probabilities (0 at ignore_index).
+  at::Tensor logp;
+  /// Per-token entropy (0 at ignore_index), without gradient unless
+  /// LogitsOptions::entropy_grad.
+  at::Tensor entropy;
+  /// Masked token-entropy mean over this batch, 0-d float64, detached.
+  at::Tensor entropy_mean;
+};
+
+/// sft_loss on the log-probabilities of labels under logits, computed by
+/// token_logprobs (one fused pass, no [tokens, V] float32 tensor); labels
+/// equal to logits_opts.ignore_index are masked.
+/// \param logits      [B, T, V] or [N, V] (see token_logprobs).
+/// \param labels      int64, logits' shape without V (Note [Label shift]: no
+///                    shift is applied).
+/// \param variant     Nll or Dft.
+/// \param opts        reduction, normaliser, norm_constant (as sft_loss).
+/// \param logits_opts ignore_index, temperature, backend (as token_logprobs).
+/// \throws c10::Error naming the argument on bad input.
+inline SftLogitsLossResult sft_loss_from_logits(const at::Tensor& logits, const at::Tensor& labels,
+                                                SftVariant variant = SftVariant::Nll,
+                                                const LossOptions& opts = {},
+                                                const LogitsOptions& logits_opts = {}) {
+  TORCH_CHECK(labels.defined(), "psft::sft_loss_from_logits: labels is an undefined tensor");
+  const TokenLogprobs t = token_logprobs(logits, labels, logits_opts);
+  const at::Tensor mask = labels != logits_opts.ignore_index;
+  const SftLossResult r = sft_loss(t.logp, mask, variant, opts);
+  SftLogitsLossResult out;
+  out.loss = r.loss;
+  out.nll_mean = r.nll_mean;
+  out.token_count = r.token_count;
+  out.logp = t.logp;
+  out.entropy = t.entropy;
+  const at::Tensor weight = mask.to(at::kDouble);
+  const at::Tensor entropy_sum = (t.entropy.detach().to(at::kDouble) * weight).sum();
+  out.entropy_mean = at::where(r.token_count > 0, entropy_sum / r.token_count.clamp_min(1.0),
+                               at::zeros_like(entropy_sum));
+  return out;
+}
+
+PSFT_NAMESPACE_END
