@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds the toy PSFT example and runs it:
+# The main demo: PSFT vs SFT on a small GPT, end to end (docs/demo.md).
 #
-#   scripts/demo.sh [psft_toy_psft arguments...]
+#   scripts/demo.sh [psft_gpt arguments...]     e.g. --out DIR, --quick
 #
-# Uses the torch wheel and the build tree of scripts/test.sh (build/main,
-# CMake preset "default"), building only the example.
+# Builds examples/gpt (psft_gpt) against the torch wheel in the build tree of
+# scripts/test.sh (build/main, CMake preset "default"), runs it (output in
+# build/demo unless --out says otherwise; the base model is cached under
+# ~/.cache/psft), then draws DIR/curves.png with examples/gpt/plot.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +23,19 @@ if ! cmake --preset default >build/demo-configure.log 2>&1; then
   cat build/demo-configure.log >&2
   exit 1
 fi
-cmake --build build/main --target psft_toy_psft
-exec build/main/examples/psft_toy_psft "$@"
+cmake --build build/main --target psft_gpt
+
+# Output directory: --out DIR if given, else build/demo.
+out=build/demo
+args=("$@")
+has_out=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+  if [[ ${args[i]} == --out ]]; then
+    has_out=1
+    if ((i + 1 < ${#args[@]})); then out=${args[i + 1]}; fi
+  fi
+done
+if ((has_out == 0)); then args+=(--out "$out"); fi
+
+build/main/examples/psft_gpt "${args[@]}"
+"$venv/bin/python" examples/gpt/plot.py "$out/metrics.csv" "$out/curves.png"
