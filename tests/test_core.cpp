@@ -30,6 +30,7 @@
 #include "psft/core/validate.hpp"
 #include "psft/eigen/policy_loss.hpp"
 #include "reference/clipped_reference.hpp"
+#include "support/reductions.hpp"
 #include "support/reference_adapter.hpp"
 
 namespace {
@@ -40,11 +41,9 @@ using Array = psft::eigen::TokenArray<T>;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-                                       psft::Reduction::SeqMeanTokenMean,
-                                       psft::Reduction::SeqMeanTokenSumNorm};
+using test_support::kReductions;
 
-const char* name_of(psft::Reduction r) { return psft::core::reduction_name(r); }
+using test_support::name_of;
 
 using test_support::settings_for;
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "psft/psft.hpp"
+#include "support/reductions.hpp"
 
 namespace {
 
@@ -102,9 +103,7 @@ void check_parity(const Tensor& logp, const Tensor& old, const Tensor& adv, cons
   CHECK(max_rel_diff(gpu.grad, cpu.grad) <= grad_tolerance(logp.scalar_type()));
 }
 
-const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-                                       psft::Reduction::SeqMeanTokenMean,
-                                       psft::Reduction::SeqMeanTokenSumNorm};
+using test_support::kReductions;
 
 }  // namespace
 

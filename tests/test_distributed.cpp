@@ -27,6 +27,7 @@
 #include "psft/distributed/metrics.hpp"
 #include "psft/distributed/vocab_parallel.hpp"
 #include "psft/psft.hpp"
+#include "support/reductions.hpp"
 
 #if PSFT_TEST_GLOO
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
@@ -68,23 +69,8 @@ using at::Tensor;
 using psft::distributed::AllReduce;
 using psft::distributed::ReduceOp;
 
-const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-                                       psft::Reduction::SeqMeanTokenMean,
-                                       psft::Reduction::SeqMeanTokenSumNorm};
-
-const char* name_of(psft::Reduction r) {
-  switch (r) {
-    case psft::Reduction::TokenMean:
-      return "token-mean";
-    case psft::Reduction::SeqMeanTokenSum:
-      return "seq-mean-token-sum";
-    case psft::Reduction::SeqMeanTokenMean:
-      return "seq-mean-token-mean";
-    case psft::Reduction::SeqMeanTokenSumNorm:
-      return "seq-mean-token-sum-norm";
-  }
-  return "?";
-}
+using test_support::kReductions;
+using test_support::name_of;
 
 // ---------------------------------------------------------------------------
 // Checks that log and count instead of asserting, so that they run in the

@@ -44,6 +44,7 @@
 
 #include "psft/psft.hpp"
 #include "reference/clipped_reference.hpp"
+#include "support/reductions.hpp"
 #include "support/reference_adapter.hpp"
 
 namespace {
@@ -53,23 +54,9 @@ using torch::Tensor;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-                                       psft::Reduction::SeqMeanTokenMean,
-                                       psft::Reduction::SeqMeanTokenSumNorm};
+using test_support::kReductions;
 
-const char* name_of(psft::Reduction r) {
-  switch (r) {
-    case psft::Reduction::TokenMean:
-      return "TokenMean";
-    case psft::Reduction::SeqMeanTokenSum:
-      return "SeqMeanTokenSum";
-    case psft::Reduction::SeqMeanTokenMean:
-      return "SeqMeanTokenMean";
-    case psft::Reduction::SeqMeanTokenSumNorm:
-      return "SeqMeanTokenSumNorm";
-  }
-  return "?";
-}
+using test_support::name_of;
 
 using test_support::settings_for;
 

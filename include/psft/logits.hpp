@@ -136,9 +136,12 @@ inline TokenLogprobs token_logprobs(const char* api, const at::Tensor& logits,
   return out;
 }
 
-inline LogitsLossResult clipped_loss_from_logits(
-    const char* api, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
-    const at::Tensor& advantages, const LossOptions& loss_opts, const LogitsOptions& logits_opts) {
+/// The checks of every from-logits loss before its (expensive) logits pass;
+/// returns the logits options with Backend::Auto resolved to the loss's choice.
+inline LogitsOptions loss_from_logits_options(const char* api, const at::Tensor& labels,
+                                              const at::Tensor& old_logp,
+                                              const LossOptions& loss_opts,
+                                              const LogitsOptions& logits_opts) {
   TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
   TORCH_CHECK(old_logp.defined(), api, ": old_logp is an undefined tensor");
   TORCH_CHECK(old_logp.sizes() == labels.sizes(), api, ": old_logp must have labels' shape ",
@@ -148,13 +151,18 @@ inline LogitsLossResult clipped_loss_from_logits(
   if (opts.backend == Backend::Auto) {
     opts.backend = loss_opts.backend;
   }
-  // Options are validated before the (expensive) logits pass.
   const std::string loss_error =
       core::loss_options_error(loss_opts, static_cast<int>(labels.dim()));
   TORCH_CHECK(loss_error.empty(), api, ": ", loss_error);
+  return opts;
+}
 
-  const TokenLogprobs t = token_logprobs(api, logits, labels, opts);
-  const at::Tensor mask = labels != opts.ignore_index;
+/// The clipped loss of token log-probabilities t (from any logits path), with
+/// the per-token tensors and the entropy mean alongside.
+inline LogitsLossResult loss_from_token_logprobs(
+    const char* api, const TokenLogprobs& t, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, std::int64_t ignore_index, const LossOptions& loss_opts) {
+  const at::Tensor mask = labels != ignore_index;
   const LossResult loss = clipped_loss(api, t.logp, old_logp, advantages, mask, loss_opts);
   LogitsLossResult out;
   out.loss = loss.loss;
@@ -164,6 +172,16 @@ inline LogitsLossResult clipped_loss_from_logits(
   out.entropy_mean = masked_entropy_mean(t.entropy, mask);
   out.backend = t.backend;
   return out;
+}
+
+inline LogitsLossResult clipped_loss_from_logits(
+    const char* api, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const LossOptions& loss_opts, const LogitsOptions& logits_opts) {
+  const LogitsOptions opts =
+      loss_from_logits_options(api, labels, old_logp, loss_opts, logits_opts);
+  const TokenLogprobs t = token_logprobs(api, logits, labels, opts);
+  return loss_from_token_logprobs(api, t, labels, old_logp, advantages, opts.ignore_index,
+                                  loss_opts);
 }
 
 }  // namespace detail

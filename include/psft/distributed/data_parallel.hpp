@@ -30,6 +30,23 @@
 PSFT_NAMESPACE_BEGIN
 namespace distributed {
 
+namespace detail {
+
+/// The one all-reduce of a step's counts: counts = [tokens, sequences] of
+/// this rank (float64), summed over the ranks into the global Normaliser.
+inline Normaliser sum_over_ranks(at::Tensor& counts, const AllReduce& all_reduce,
+                                 std::int64_t world_size) {
+  all_reduce(counts, ReduceOp::Sum);
+  const at::Tensor host = counts.cpu();
+  Normaliser global;
+  global.tokens = host[0].item<double>();
+  global.sequences = host[1].item<double>();
+  global.world_size = world_size;
+  return global;
+}
+
+}  // namespace detail
+
 /// Adds the counts of `local` (this rank's part of an optimizer step) over
 /// the ranks with one all-reduce of two float64 numbers on `device`, and
 /// returns the step's Normaliser with world_size set. Every rank must call
@@ -49,13 +66,7 @@ inline Normaliser global_normaliser(const Normaliser& local, const AllReduce& al
   at::Tensor counts = at::tensor({local.tokens.value_or(0.0), local.sequences.value_or(0.0)},
                                  at::TensorOptions().dtype(at::kDouble))
                           .to(device);
-  all_reduce(counts, ReduceOp::Sum);
-  const at::Tensor host = counts.cpu();
-  Normaliser global;
-  global.tokens = host[0].item<double>();
-  global.sequences = host[1].item<double>();
-  global.world_size = world_size;
-  return global;
+  return detail::sum_over_ranks(counts, all_reduce, world_size);
 }
 
 /// The global normaliser of an optimizer step from this rank's micro-batch
@@ -91,13 +102,7 @@ inline Normaliser global_normaliser(at::TensorList masks, const AllReduce& all_r
     counts[0] += rows.sum();
     counts[1] += (rows > 0).sum();
   }
-  all_reduce(counts, ReduceOp::Sum);
-  const at::Tensor host = counts.cpu();
-  Normaliser global;
-  global.tokens = host[0].item<double>();
-  global.sequences = host[1].item<double>();
-  global.world_size = world_size;
-  return global;
+  return detail::sum_over_ranks(counts, all_reduce, world_size);
 }
 
 }  // namespace distributed

@@ -404,28 +404,11 @@ inline LogitsLossResult vocab_parallel_loss_from_logits(
     const char* api, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
     const at::Tensor& advantages, const VocabShard& shard, const AllReduce& all_reduce,
     const LossOptions& loss_opts, const LogitsOptions& logits_opts) {
-  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
-  TORCH_CHECK(old_logp.defined(), api, ": old_logp is an undefined tensor");
-  TORCH_CHECK(old_logp.sizes() == labels.sizes(), api, ": old_logp must have labels' shape ",
-              labels.sizes(), ", got ", old_logp.sizes());
-  LogitsOptions opts = logits_opts;
-  if (opts.backend == Backend::Auto) opts.backend = loss_opts.backend;
-  const std::string loss_error =
-      core::loss_options_error(loss_opts, static_cast<int>(labels.dim()));
-  TORCH_CHECK(loss_error.empty(), api, ": ", loss_error);
-
+  const LogitsOptions opts =
+      ::psft::detail::loss_from_logits_options(api, labels, old_logp, loss_opts, logits_opts);
   const TokenLogprobs t = vocab_parallel_token_logprobs(logits, labels, shard, all_reduce, opts);
-  const at::Tensor mask = labels != opts.ignore_index;
-  const LossResult loss =
-      ::psft::detail::clipped_loss(api, t.logp, old_logp, advantages, mask, loss_opts);
-  LogitsLossResult out;
-  out.loss = loss.loss;
-  out.metrics = loss.metrics;
-  out.logp = t.logp;
-  out.entropy = t.entropy;
-  out.entropy_mean = masked_entropy_mean(t.entropy, mask);
-  out.backend = t.backend;
-  return out;
+  return ::psft::detail::loss_from_token_logprobs(api, t, labels, old_logp, advantages,
+                                                  opts.ignore_index, loss_opts);
 }
 
 }  // namespace detail
