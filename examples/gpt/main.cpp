@@ -56,13 +56,14 @@ struct Settings {
   gpt::PretrainConfig pretrain;
   gpt::FinetuneConfig finetune;
   gpt::RlConfig rl;
+  std::int64_t rl_eval_samples = 4;  ///< sampled responses per held-out prompt for RL's reward
   std::int64_t demonstrations = 512;
   std::int64_t eval_per_skill = 200;
   double lr_sft = 3e-4;
   double lr_psft = 1.5e-5;  // the recipe's ratio, 2e-5 : 1e-6
   std::int64_t sft_warmup = 64;
   double ema_decay = 0.999;
-  std::vector<std::string> rl_from = {"sft", "psft", "psft_lr_sft", "psft_eps005", "psft_ema"};
+  std::vector<std::string> rl_from = {"sft", "sft_lr_psft", "psft", "psft_lr_sft", "psft_ema"};
   std::vector<std::string> only;  // empty: all runs
 };
 
@@ -146,7 +147,11 @@ struct RunSummary {
   double mean_clip_frac = 0;
   double seconds = 0;
   bool has_rl = false;
+  // RL: sampled reward on the held-out task prompts before / after RL, mean
+  // training reward of the first / last tenth of RL steps, greedy accuracy
+  // after RL, mean clip fraction of the RL updates.
   double rl_initial_reward = NAN, rl_final_reward = NAN, rl_final_accuracy = NAN;
+  double rl_first_steps_reward = NAN, rl_last_steps_reward = NAN, rl_mean_clip_frac = NAN;
 };
 
 fs::path default_cache_dir() {
@@ -288,6 +293,9 @@ void write_summary(const fs::path& path, const Settings& st, const gpt::Evaluato
       << ", \"rl_initial_reward\": " << json_number(r.rl_initial_reward)
       << ", \"rl_final_reward\": " << json_number(r.rl_final_reward)
       << ", \"rl_final_in_domain_accuracy\": " << json_number(r.rl_final_accuracy)
+      << ", \"rl_first_steps_reward\": " << json_number(r.rl_first_steps_reward)
+      << ", \"rl_last_steps_reward\": " << json_number(r.rl_last_steps_reward)
+      << ", \"rl_mean_clip_frac\": " << json_number(r.rl_mean_clip_frac)
       << ", \"seconds\": " << json_number(r.seconds);
     // At matched in-domain accuracy: the first evaluation that reached it.
     for (const auto& [step, e] : r.evals) {
@@ -307,8 +315,9 @@ void write_summary(const fs::path& path, const Settings& st, const gpt::Evaluato
 
 void print_table(const gpt::Evaluator::Result& base, const std::vector<RunSummary>& runs,
                  double matched_target) {
-  std::printf("\n%-12s %-9s %8s %6s %6s %7s %7s %6s | %6s %6s %5s | %6s %6s\n", "run", "loss", "lr",
-              "in", "ood", "entropy", "KL", "clip", "@step", "ood", "ent", "RL0", "RL");
+  std::printf("\n%-12s %-9s %8s %6s %6s %7s %7s %6s | %6s %6s %5s | %6s %6s %6s %6s\n", "run",
+              "loss", "lr", "in", "ood", "entropy", "KL", "clip", "@step", "ood", "ent", "RL0",
+              "RL", "RLin", "RLclip");
   std::printf("%-12s %-9s %8s %6.3f %6.3f %7.3f %7s %6s |\n", "base", "-", "-", base.in_domain,
               base.out_of_domain, base.entropy, "0", "-");
   for (const RunSummary& r : runs) {
@@ -329,9 +338,10 @@ void print_table(const gpt::Evaluator::Result& base, const std::vector<RunSummar
     }
     if (!matched) std::printf(" %6s %6s %5s |", "-", "-", "-");
     if (r.has_rl) {
-      std::printf(" %6.3f %6.3f\n", r.rl_initial_reward, r.rl_final_reward);
+      std::printf(" %6.3f %6.3f %6.3f %6.3f\n", r.rl_initial_reward, r.rl_final_reward,
+                  r.rl_final_accuracy, r.rl_mean_clip_frac);
     } else {
-      std::printf(" %6s %6s\n", "-", "-");
+      std::printf(" %6s %6s %6s %6s\n", "-", "-", "-", "-");
     }
   }
   std::printf(
@@ -339,7 +349,9 @@ void print_table(const gpt::Evaluator::Result& base, const std::vector<RunSummar
       "skills; entropy: token entropy on held-out task responses; KL: KL(model || base) per\n"
       "response token; clip: mean fraction of tokens with r > 1 + eps_high (for SFT/DFT, what\n"
       "PSFT would have clipped); @step/ood/ent: first evaluation with in-domain accuracy >=\n"
-      "%.3f (matched accuracy); RL0/RL: mean reward of the first / last tenth of RL steps.\n",
+      "%.3f (matched accuracy); RL0/RL: sampled reward on the\n"
+      "held-out task prompts before / after RL; RLin: greedy in-domain accuracy after RL;\n"
+      "RLclip: mean fraction of tokens clipped in the RL updates.\n",
       matched_target);
 }
 
@@ -420,13 +432,16 @@ int run_demo(Settings& st) {
     summary.mean_clip_frac = clip_count ? clip_sum / clip_count : 0.0;
     if (std::find(st.rl_from.begin(), st.rl_from.end(), spec.name) != st.rl_from.end()) {
       std::vector<double> rewards;
+      double rl_clip = 0;
       gpt::Gpt after =
           gpt::reinforce(tuned, gpt::Skill::Add, spec.name, st.rl, [&](const gpt::StepLog& s) {
             csv.write(s);
             rewards.push_back(s.reward);
+            rl_clip += s.clip_frac_high;
             progress.advance();
             progress.show(spec.name + " RL step " + std::to_string(s.step) + " reward " +
-                              fmt(s.reward, 3) + " H " + fmt(s.entropy, 3),
+                              fmt(s.reward, 3) + " H " + fmt(s.entropy, 3) + " clip " +
+                              fmt(s.clip_frac_high, 3),
                           s.step == st.rl.steps);
           });
       const std::size_t tenth = std::max<std::size_t>(1, rewards.size() / 10);
@@ -434,8 +449,15 @@ int run_demo(Settings& st) {
         return std::accumulate(b, e, 0.0) / static_cast<double>(std::distance(b, e));
       };
       summary.has_rl = true;
-      summary.rl_initial_reward = mean(rewards.begin(), rewards.begin() + tenth);
-      summary.rl_final_reward = mean(rewards.end() - tenth, rewards.end());
+      summary.rl_first_steps_reward = mean(rewards.begin(), rewards.begin() + tenth);
+      summary.rl_last_steps_reward = mean(rewards.end() - tenth, rewards.end());
+      summary.rl_mean_clip_frac = rl_clip / static_cast<double>(rewards.size());
+      // The same held-out prompts and sampler seed before and after RL.
+      const gpt::Dataset& held_out = evaluator.per_skill[static_cast<std::size_t>(gpt::Skill::Add)];
+      summary.rl_initial_reward =
+          gpt::sampled_reward(tuned, held_out, st.rl_eval_samples, st.rl.temperature, 4242);
+      summary.rl_final_reward =
+          gpt::sampled_reward(after, held_out, st.rl_eval_samples, st.rl.temperature, 4242);
       summary.rl_final_accuracy = gpt::accuracy(after, evaluator.per_skill[0]);
     }
     summary.seconds = std::chrono::duration<double>(Clock::now() - r0).count();
@@ -472,6 +494,10 @@ void make_quick(Settings& st) {
   st.rl.steps = 3;
   st.rl.prompts = 4;
   st.rl.group = 4;
+  // The tiny model earns no reward; keep its (zero-advantage) groups so that
+  // the update path still runs.
+  st.rl.skip_uniform_groups = false;
+  st.rl_eval_samples = 2;
 }
 
 int usage(const char* argv0) {
@@ -481,7 +507,9 @@ int usage(const char* argv0) {
       "          [--threads N] [--epochs N] [--demos N] [--global-batch N] [--mini-batches N]\n"
       "          [--ppo-epochs N] [--old-policy recompute|snapshot:K|ema:D] [--ema-decay D]\n"
       "          [--lr-sft X] [--lr-psft X] [--eps-high X] [--sft-warmup N] [--eval-every N]\n"
-      "          [--rl-steps N] [--rl-lr X] [--rl-from a,b] [--only a,b]\n"
+      "          [--rl-steps N] [--rl-lr X] [--rl-prompts N] [--rl-group N]\n"
+      "          [--rl-mini-batches N] [--rl-ppo-epochs N] [--rl-temperature X]\n"
+      "          [--rl-seed N] [--rl-keep-uniform-groups] [--rl-from a,b] [--only a,b]\n"
       "          [--pretrain-steps N] [--dim N] [--layers N] [--mixture w,w,w,w]\n"
       "       %s pretrain --out FILE [--quick] [--threads N] [--pretrain-steps N] ...\n",
       argv0, argv0);
@@ -572,6 +600,20 @@ int main(int argc, char** argv) {
       st.rl.lr = std::atof(value().c_str());
     } else if (a == "--rl-steps") {
       st.rl.steps = std::atoll(value().c_str());
+    } else if (a == "--rl-prompts") {
+      st.rl.prompts = std::atoll(value().c_str());
+    } else if (a == "--rl-group") {
+      st.rl.group = std::atoll(value().c_str());
+    } else if (a == "--rl-mini-batches") {
+      st.rl.mini_batches = std::atoll(value().c_str());
+    } else if (a == "--rl-ppo-epochs") {
+      st.rl.ppo_epochs = std::atoll(value().c_str());
+    } else if (a == "--rl-temperature") {
+      st.rl.temperature = std::atof(value().c_str());
+    } else if (a == "--rl-seed") {
+      st.rl.seed = std::strtoull(value().c_str(), nullptr, 10);
+    } else if (a == "--rl-keep-uniform-groups") {
+      st.rl.skip_uniform_groups = false;
     } else if (a == "--pretrain-steps") {
       st.pretrain.steps = std::atoll(value().c_str());
     } else if (a == "--dim") {

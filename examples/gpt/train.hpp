@@ -96,6 +96,23 @@ inline double accuracy(Gpt& model, const Dataset& data) {
   return static_cast<double>(right) / static_cast<double>(data.examples.size());
 }
 
+/// Mean exact-match reward of `samples` sampled responses per example at
+/// `temperature`, with the sampler seeded by `seed` (the RL stage's objective
+/// on held-out prompts; the global torch generator is reseeded).
+inline double sampled_reward(Gpt& model, const Dataset& data, std::int64_t samples,
+                             double temperature, std::uint64_t seed) {
+  if (data.examples.empty() || samples <= 0) return 0.0;
+  torch::manual_seed(seed);
+  std::vector<Example> batch;
+  for (const Example& e : data.examples) {
+    for (std::int64_t k = 0; k < samples; ++k) batch.push_back(e);
+  }
+  const Generation g = generate(model, batch, temperature);
+  std::int64_t right = 0;
+  for (std::size_t i = 0; i < batch.size(); ++i) right += exact_match(batch[i], g.completions[i]);
+  return static_cast<double>(right) / static_cast<double>(batch.size());
+}
+
 // ---------------------------------------------------------------- optimizer
 
 /// Masked mean of a [B, T] tensor.
@@ -383,28 +400,43 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
 // ---------------------------------------------------------------- RL
 
 /// GRPO-style RL on the task: sampled groups, exact-match rewards,
-/// group-normalised advantages, the clipped objective of policy_loss.
+/// group-normalised advantages, the clipped objective of policy_loss
+/// against the sampling policy's log-probabilities, several passes per
+/// sampled batch.
 struct RlConfig {
   std::int64_t steps = 40;
-  std::int64_t prompts = 16;      ///< prompts per step
+  std::int64_t prompts = 64;      ///< prompts per step
   std::int64_t group = 8;         ///< samples per prompt
-  std::int64_t mini_batches = 2;  ///< optimizer steps per sampled batch
-  double lr = 5e-5;
+  std::int64_t mini_batches = 4;  ///< optimizer steps per pass over a sampled batch
+  std::int64_t ppo_epochs = 4;    ///< passes over each sampled batch (the clip acts from the 2nd)
+  double lr = 1e-4;
   double temperature = 1.0;
+  /// Leave out of the updates the groups whose samples all got the same
+  /// reward (their advantages are 0): they would only dilute the token mean.
+  bool skip_uniform_groups = true;
   std::uint64_t seed = 11;
 };
 
+/// Group-normalised advantages of `rewards` [prompts, group]:
+/// (r - mean) / (std + 1e-6) within each group, 0 in a group whose rewards
+/// are all equal.
+inline torch::Tensor group_advantages(const torch::Tensor& rewards) {
+  return (rewards - rewards.mean(1, true)) / (rewards.std(1, true, true) + 1e-6);
+}
+
+/// Runs GRPO-style RL from a copy of `start`; `log` gets one row per sampled
+/// batch (reward, and the mean over its updates of the loss, entropy, clip
+/// fraction, ratio max and approximate KL against the sampling policy).
 inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, const RlConfig& c,
                      const std::function<void(const StepLog&)>& log) {
   Gpt model = clone_model(start);
   torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(c.lr).weight_decay(0.0));
   std::mt19937_64 rng(c.seed);  // the same prompts for every run
   torch::manual_seed(c.seed);   // the same sampler stream
-  psft::LossOptions loss_opts;
+  psft::LossOptions loss_opts;  // eps 0.2 / 0.28, token mean
   psft::LogitsOptions logits_opts;
   logits_opts.temperature = c.temperature;
   const std::int64_t n = c.prompts * c.group;
-  const std::int64_t mini = n / c.mini_batches;
   for (std::int64_t step = 0; step < c.steps; ++step) {
     std::vector<Example> batch;
     for (std::int64_t p = 0; p < c.prompts; ++p) {
@@ -417,38 +449,59 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
       rewards[i] = exact_match(batch[i], g.completions[i]) ? 1.0f : 0.0f;
     }
     const torch::Tensor r = torch::tensor(rewards).view({c.prompts, c.group});
-    const torch::Tensor adv = ((r - r.mean(1, true)) / (r.std(1, true, true) + 1e-6)).reshape({n});
-    torch::Tensor old_logp;
-    {
-      torch::NoGradGuard no_grad;
-      old_logp = psft::token_logprobs(model->forward(g.ids), g.labels, logits_opts).logp;
-    }
+    const torch::Tensor adv = group_advantages(r).reshape({n});
+    // The samples that carry a learning signal.
+    const torch::Tensor informative = c.skip_uniform_groups ? (r.std(1, true, true) > 0)
+                                                                  .expand({c.prompts, c.group})
+                                                                  .reshape({n})
+                                                                  .nonzero()
+                                                                  .view({-1})
+                                                            : torch::arange(n, torch::kLong);
+    const std::int64_t m = informative.size(0);
     StepLog s;
     s.run = name;
     s.stage = "rl";
     s.step = step + 1;
     s.lr = c.lr;
     s.reward = r.mean().item<double>();
-    double loss = 0, entropy = 0, clip = 0;
-    // Shuffle so that each mini-batch mixes prompts.
-    const torch::Tensor perm = torch::randperm(n, torch::kLong);
-    for (std::int64_t k = 0; k < c.mini_batches; ++k) {
-      const torch::Tensor idx = perm.slice(0, k * mini, (k + 1) * mini);
-      const torch::Tensor labels = g.labels.index_select(0, idx);
-      const psft::LogitsLossResult out = psft::policy_loss_from_logits(
-          model->forward(g.ids.index_select(0, idx)), labels, old_logp.index_select(0, idx),
-          adv.index_select(0, idx), loss_opts, logits_opts);
-      opt.zero_grad();
-      out.loss.backward();
-      torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0);
-      opt.step();
-      loss += out.loss.item<double>() / c.mini_batches;
-      entropy += out.entropy_mean.item<double>() / c.mini_batches;
-      clip += out.metrics.clip_frac.item<double>() / c.mini_batches;
+    s.loss = s.entropy = s.clip_frac_high = s.approx_kl = 0;
+    s.ratio_max = 1;
+    if (m > 0) {
+      const torch::Tensor ids = g.ids.index_select(0, informative);
+      const torch::Tensor labels = g.labels.index_select(0, informative);
+      const torch::Tensor a = adv.index_select(0, informative);
+      torch::Tensor old_logp;  // the sampling policy's
+      {
+        torch::NoGradGuard no_grad;
+        old_logp = psft::token_logprobs(model->forward(ids), labels, logits_opts).logp;
+      }
+      const std::int64_t chunks = std::min(c.mini_batches, m);
+      std::int64_t updates = 0;
+      for (std::int64_t pass = 0; pass < c.ppo_epochs; ++pass) {
+        // Shuffle so that each mini-batch mixes prompts.
+        const torch::Tensor perm = torch::randperm(m, torch::kLong);
+        for (std::int64_t k = 0; k < chunks; ++k) {
+          const torch::Tensor idx = perm.slice(0, k * m / chunks, (k + 1) * m / chunks);
+          const psft::LogitsLossResult out = psft::policy_loss_from_logits(
+              model->forward(ids.index_select(0, idx)), labels.index_select(0, idx),
+              old_logp.index_select(0, idx), a.index_select(0, idx), loss_opts, logits_opts);
+          opt.zero_grad();
+          out.loss.backward();
+          torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0);
+          opt.step();
+          s.loss += out.loss.item<double>();
+          s.entropy += out.entropy_mean.item<double>();
+          s.clip_frac_high += out.metrics.clip_frac.item<double>();
+          s.approx_kl += out.metrics.approx_kl_k3.item<double>();
+          s.ratio_max = std::max(s.ratio_max, out.metrics.ratio_max.item<double>());
+          ++updates;
+        }
+      }
+      s.loss /= updates;
+      s.entropy /= updates;
+      s.clip_frac_high /= updates;
+      s.approx_kl /= updates;
     }
-    s.loss = loss;
-    s.entropy = entropy;
-    s.clip_frac_high = clip;
     log(s);
   }
   return model;
