@@ -79,16 +79,10 @@ inline Backend logits_backend_for(const at::Tensor& logits, Backend requested) {
   return backend_for(logits, requested);
 }
 
-/// Checks logits and labels and returns the labels as the kernels read them
-/// (contiguous int64, same shape).
-inline at::Tensor check_logits_inputs(const char* api, const at::Tensor& logits,
-                                      const at::Tensor& labels, const LogitsOptions& opts) {
-  check_float_tensor(api, "logits", logits);
-  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, api,
-              ": logits must have shape [B, T, V] or [N, V], got ", logits.sizes());
-  const std::int64_t vocab = logits.size(-1);
-  TORCH_CHECK(vocab >= 1, api, ": logits must have a non-empty vocabulary dimension, got ",
-              logits.sizes());
+/// The checks of labels against [.., V] logits (any vocabulary slice) and of
+/// the options, shared by every logits path.
+inline void check_labels_and_options(const char* api, const at::Tensor& logits,
+                                     const at::Tensor& labels, const LogitsOptions& opts) {
   TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
   TORCH_CHECK(labels.scalar_type() == at::kLong, api, ": labels must be int64, got ",
               labels.scalar_type());
@@ -99,6 +93,19 @@ inline at::Tensor check_logits_inputs(const char* api, const at::Tensor& logits,
               logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
   const std::string options_error = core::logits_options_error(opts);
   TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+}
+
+/// Checks logits and labels and returns the labels as the kernels read them
+/// (contiguous int64, same shape).
+inline at::Tensor check_logits_inputs(const char* api, const at::Tensor& logits,
+                                      const at::Tensor& labels, const LogitsOptions& opts) {
+  check_float_tensor(api, "logits", logits);
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, api,
+              ": logits must have shape [B, T, V] or [N, V], got ", logits.sizes());
+  const std::int64_t vocab = logits.size(-1);
+  TORCH_CHECK(vocab >= 1, api, ": logits must have a non-empty vocabulary dimension, got ",
+              logits.sizes());
+  check_labels_and_options(api, logits, labels, opts);
 
   at::Tensor flat = labels.contiguous();
   if (opts.check_inputs && flat.device().is_cpu()) {

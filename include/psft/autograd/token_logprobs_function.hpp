@@ -60,6 +60,41 @@ inline void run_token_logprobs_forward(const char* api, const at::Tensor& logits
   }
 }
 
+/// Stores in ctx what a logits backward reads: the stats of the forward
+/// pass, the options and the backend (see load_logits_backward_state).
+inline void save_logits_backward_state(torch::autograd::AutogradContext* ctx,
+                                       const at::Tensor& stats, const LogitsOptions& opts,
+                                       Backend backend) {
+  ctx->saved_data["stats"] = stats;
+  ctx->saved_data["ignore_index"] = opts.ignore_index;
+  ctx->saved_data["temperature"] = opts.temperature;
+  ctx->saved_data["entropy_grad"] = opts.entropy_grad;
+  ctx->saved_data["composed_chunk_bytes"] = opts.composed_chunk_bytes;
+  ctx->saved_data["backend"] = static_cast<int64_t>(backend);
+}
+
+/// What save_logits_backward_state stored.
+struct LogitsBackwardState {
+  /// [N, 3] per-row statistics of the forward pass.
+  at::Tensor stats;
+  /// The options backward needs (the others keep their defaults).
+  LogitsOptions opts;
+  /// The backend the forward pass ran on.
+  Backend backend = Backend::Auto;
+};
+
+/// Reads what save_logits_backward_state stored.
+inline LogitsBackwardState load_logits_backward_state(torch::autograd::AutogradContext* ctx) {
+  LogitsBackwardState state;
+  state.stats = ctx->saved_data["stats"].toTensor();
+  state.opts.ignore_index = ctx->saved_data["ignore_index"].toInt();
+  state.opts.temperature = ctx->saved_data["temperature"].toDouble();
+  state.opts.entropy_grad = ctx->saved_data["entropy_grad"].toBool();
+  state.opts.composed_chunk_bytes = ctx->saved_data["composed_chunk_bytes"].toInt();
+  state.backend = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+  return state;
+}
+
 }  // namespace detail
 
 namespace autograd {
@@ -83,12 +118,7 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     detail::run_token_logprobs_forward(api, logits, labels, opts, backend, logp, entropy, stats);
 
     ctx->save_for_backward({logits, labels});
-    ctx->saved_data["stats"] = stats;
-    ctx->saved_data["ignore_index"] = opts.ignore_index;
-    ctx->saved_data["temperature"] = opts.temperature;
-    ctx->saved_data["entropy_grad"] = opts.entropy_grad;
-    ctx->saved_data["composed_chunk_bytes"] = opts.composed_chunk_bytes;
-    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
+    detail::save_logits_backward_state(ctx, stats, opts, backend);
     // Unused outputs reach backward as undefined tensors, not zeros, so a
     // metric-only entropy costs nothing there.
     ctx->set_materialize_grads(false);
@@ -106,12 +136,9 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     const at::Tensor& labels = saved[1];
-    const at::Tensor stats = ctx->saved_data["stats"].toTensor();
-    LogitsOptions opts;
-    opts.ignore_index = ctx->saved_data["ignore_index"].toInt();
-    opts.temperature = ctx->saved_data["temperature"].toDouble();
-    opts.entropy_grad = ctx->saved_data["entropy_grad"].toBool();
-    opts.composed_chunk_bytes = ctx->saved_data["composed_chunk_bytes"].toInt();
+    const detail::LogitsBackwardState state = detail::load_logits_backward_state(ctx);
+    const at::Tensor& stats = state.stats;
+    const LogitsOptions& opts = state.opts;
 
     const auto flat = [&](const at::Tensor& g) {
       return g.defined() ? g.reshape({-1}).to(stats.scalar_type()).contiguous() : at::Tensor();
@@ -121,7 +148,7 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     at::Tensor grad_logits;  // undefined: nothing reached logp or entropy
     if (grad_logp.defined() || grad_entropy.defined()) {
       const at::Tensor readable = detail::vocab_contiguous(logits);
-      const auto backend = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+      const Backend backend = state.backend;
       if (backend == Backend::FusedCpu) {
         grad_logits =
             cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);

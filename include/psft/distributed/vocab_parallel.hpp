@@ -130,16 +130,7 @@ inline void check_vocab_parallel_inputs(const char* api, const at::Tensor& logit
   TORCH_CHECK(logits.size(-1) == shard.end - shard.begin, api,
               ": logits' last dimension must be the shard's width end - begin = ",
               shard.end - shard.begin, ", got ", logits.sizes());
-  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, api, ": labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.device() == logits.device(), api, ": labels is on ", labels.device(),
-              " but logits is on ", logits.device());
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), api,
-              ": labels must have logits' shape without the vocabulary dimension, ",
-              logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
-  const std::string options_error = core::logits_options_error(opts);
-  TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+  ::psft::detail::check_labels_and_options(api, logits, labels, opts);
   if (opts.check_inputs) {
     // Global vocabulary bounds; one synchronisation on an accelerator.
     const at::Tensor bad = at::logical_and(labels != opts.ignore_index,
@@ -276,12 +267,7 @@ class VocabParallelTokenLogprobsFunction
     detail::VocabParallelForward f =
         detail::vocab_parallel_forward(api, logits, labels, shard, all_reduce, opts, backend);
     ctx->save_for_backward({logits, f.local_labels, f.not_owned});
-    ctx->saved_data["stats"] = f.stats;
-    ctx->saved_data["ignore_index"] = opts.ignore_index;
-    ctx->saved_data["temperature"] = opts.temperature;
-    ctx->saved_data["entropy_grad"] = opts.entropy_grad;
-    ctx->saved_data["composed_chunk_bytes"] = opts.composed_chunk_bytes;
-    ctx->saved_data["backend"] = static_cast<int64_t>(backend);
+    ::psft::detail::save_logits_backward_state(ctx, f.stats, opts, backend);
     ctx->set_materialize_grads(false);
     if (!opts.entropy_grad) ctx->mark_non_differentiable({f.entropy});
     return {f.logp, f.entropy};
@@ -297,13 +283,11 @@ class VocabParallelTokenLogprobsFunction
     const at::Tensor& logits = saved[0];
     const at::Tensor& labels = saved[1];
     const at::Tensor& not_owned = saved[2];
-    const at::Tensor stats = ctx->saved_data["stats"].toTensor();
-    LogitsOptions opts;
-    opts.ignore_index = ctx->saved_data["ignore_index"].toInt();
-    opts.temperature = ctx->saved_data["temperature"].toDouble();
-    opts.entropy_grad = ctx->saved_data["entropy_grad"].toBool();
-    opts.composed_chunk_bytes = ctx->saved_data["composed_chunk_bytes"].toInt();
-    const auto backend = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+    const ::psft::detail::LogitsBackwardState state =
+        ::psft::detail::load_logits_backward_state(ctx);
+    const at::Tensor& stats = state.stats;
+    const LogitsOptions& opts = state.opts;
+    const Backend backend = state.backend;
 
     const auto flat = [&](const at::Tensor& g) {
       return g.defined() ? g.reshape({-1}).to(stats.scalar_type()).contiguous() : at::Tensor();
