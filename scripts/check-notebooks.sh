@@ -23,11 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-venv="${PSFT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/psft/venv}"
-if [ -z "${PSFT_TORCH_PREFIX:-}" ]; then
-  torch_cmake_dir=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-  PSFT_TORCH_PREFIX=$(dirname "$(dirname "$torch_cmake_dir")")
-fi
+PSFT_TORCH_PREFIX="${PSFT_TORCH_PREFIX:-$(./scripts/torch-prefix.sh)}"
 out="$root/build/notebooks"
 
 mapfile -t notebooks < <(find examples/notebooks -maxdepth 1 -name '*.ipynb' | sort)

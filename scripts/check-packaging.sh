@@ -25,10 +25,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 venv="${PSFT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/psft/venv}"
-if [ -z "${PSFT_TORCH_PREFIX:-}" ]; then
-  torch_cmake_dir=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-  PSFT_TORCH_PREFIX=$(dirname "$(dirname "$torch_cmake_dir")")
-fi
+PSFT_TORCH_PREFIX="${PSFT_TORCH_PREFIX:-$(./scripts/torch-prefix.sh)}"
 torch_version=$(sed -n 's/^set(PACKAGE_VERSION "\([0-9.]*\)").*/\1/p' \
   "$PSFT_TORCH_PREFIX/share/cmake/Torch/TorchConfigVersion.cmake")
 out="$root/build/packaging"

@@ -12,9 +12,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 venv="${PSFT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/psft/venv}"
-torch_cmake_dir=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-# The wheel's root, not its share/cmake: see scripts/test.sh.
-PSFT_TORCH_PREFIX=$(dirname "$(dirname "$torch_cmake_dir")")
+PSFT_TORCH_PREFIX=$(./scripts/torch-prefix.sh)
 export PSFT_TORCH_PREFIX
 
 # Configuring prints LibTorch's CUDA probing; show it only if it fails.

@@ -80,14 +80,8 @@ trap summary EXIT
 
 begin setup
 ./scripts/setup.sh
-venv="${PSFT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/psft/venv}"
-torch_cmake_dir=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-# The presets take the torch package directory, the root of the wheel's
-# LibTorch (torch_cmake_dir is <it>/share/cmake), rather than
-# torch_cmake_dir itself: TorchConfig.cmake's find_library() calls would
-# otherwise take Debian's libtorch.so (also installed, for the compat phase)
-# over the wheel's.
-PSFT_TORCH_PREFIX=$(dirname "$(dirname "$torch_cmake_dir")")
+# The presets take the root of the wheel's LibTorch (see torch-prefix.sh).
+PSFT_TORCH_PREFIX=$(./scripts/torch-prefix.sh)
 export PSFT_TORCH_PREFIX
 end
 

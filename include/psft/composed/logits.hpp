@@ -26,6 +26,18 @@
 PSFT_NAMESPACE_BEGIN
 namespace composed {
 
+/// Note [Softmax cutoff] in the accumulation type acc (float or double).
+inline double softmax_cutoff_for(at::ScalarType acc) {
+  return acc == at::kDouble ? core::softmax_cutoff<double>() : core::softmax_cutoff<float>();
+}
+
+/// 1 / temperature as the kernels accumulating in acc compute it (rounded
+/// to float for float), so that every path scales by the same number.
+inline double inv_temperature_for(at::ScalarType acc, double temperature) {
+  return acc == at::kDouble ? 1.0 / temperature
+                            : static_cast<double>(static_cast<float>(1.0 / temperature));
+}
+
 /// Rows per chunk: one float32 [rows, V] temporary takes about
 /// opts.composed_chunk_bytes.
 inline std::int64_t chunk_rows(const LogitsOptions& opts, std::int64_t vocab) {
@@ -88,8 +100,7 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
   const at::Tensor labels = all_labels.reshape({-1});
   const std::int64_t vocab = logits.size(-1);
   const at::ScalarType acc = logp.scalar_type();
-  const double cutoff =
-      acc == at::kDouble ? core::softmax_cutoff<double>() : core::softmax_cutoff<float>();
+  const double cutoff = softmax_cutoff_for(acc);
   const at::Tensor flat_logp = logp.reshape({-1});
   const at::Tensor flat_entropy = entropy.reshape({-1});
   at::Tensor bad_rows = at::zeros({}, labels.options().dtype(at::kLong));
@@ -152,11 +163,8 @@ inline at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Te
   const std::int64_t vocab = logits.size(-1);
   if (grad.numel() == 0) return grad;
   const at::ScalarType acc = stats.scalar_type();
-  const double cutoff =
-      acc == at::kDouble ? core::softmax_cutoff<double>() : core::softmax_cutoff<float>();
-  const double inv_temperature =
-      acc == at::kDouble ? 1.0 / opts.temperature
-                         : static_cast<double>(static_cast<float>(1.0 / opts.temperature));
+  const double cutoff = softmax_cutoff_for(acc);
+  const double inv_temperature = inv_temperature_for(acc, opts.temperature);
   const at::Tensor flat_grad = grad.view({-1, vocab});
   const at::Tensor zeros_rows = at::zeros({labels.numel()}, stats.options());
   const at::Tensor g_all = grad_logp.defined() ? grad_logp : zeros_rows;

@@ -29,6 +29,7 @@
 
 #include "psft/autograd/token_logprobs_function.hpp"
 #include "psft/backend.hpp"
+#include "psft/composed/logits.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/logits_options.hpp"
 #include "psft/core/online_softmax.hpp"
@@ -193,8 +194,7 @@ inline VocabParallelForward vocab_parallel_forward(const char* api, const at::Te
 
   // All-reduce 2 (sum): the slices' S and A relative to the global max, the
   // owner's shifted label logit, and the slice widths.
-  const double cutoff =
-      acc == at::kDouble ? core::softmax_cutoff<double>() : core::softmax_cutoff<float>();
+  const double cutoff = composed::softmax_cutoff_for(acc);
   const at::Tensor zero = at::zeros({}, acc_options);
   const at::Tensor m_r = local_stats.select(1, 0);
   const at::Tensor log_sum_r = local_stats.select(1, 1);
@@ -305,11 +305,8 @@ class VocabParallelTokenLogprobsFunction
       // [Vocabulary-parallel softmax]), with core::token_logprob_grad's
       // formula p (c0 + c1 y).
       const at::ScalarType acc = stats.scalar_type();
-      const double cutoff =
-          acc == at::kDouble ? core::softmax_cutoff<double>() : core::softmax_cutoff<float>();
-      const double inv_temperature =
-          acc == at::kDouble ? 1.0 / opts.temperature
-                             : static_cast<double>(static_cast<float>(1.0 / opts.temperature));
+      const double cutoff = composed::softmax_cutoff_for(acc);
+      const double inv_temperature = composed::inv_temperature_for(acc, opts.temperature);
       const std::int64_t vocab = logits.size(-1);
       const at::Tensor zero_rows = at::zeros({labels.numel()}, stats.options());
       const at::Tensor g = grad_logp.defined() ? grad_logp : zero_rows;
