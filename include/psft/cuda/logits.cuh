@@ -93,8 +93,11 @@ __global__ void __launch_bounds__(kLogitsThreads)
   if (threadIdx.x == 0) {
     const core::OnlineSoftmax<acc_t> row = shared[0];
     unsigned char flags = 0;
-    if (row.invalid()) flags |= kRowNonFinite;
-    if (row.empty()) flags |= kRowAllNegInf;
+    if (row.invalid()) {
+      flags |= kRowNonFinite;
+    } else if (row.empty()) {
+      flags |= kRowAllNegInf;
+    }
     const bool label_ok = label >= 0 && label < l.vocab;
     if (!label_ok) flags |= kRowBadLabel;
     // An out-of-range label (check_inputs off) reads a clamped entry.
