@@ -11,7 +11,9 @@
 #             the tests except [large]
 #   cuda-build  PSFT_CUDA=ON against the torch wheel, build/cuda: builds only
 #             the CUDA test binary (nvcc, sm_80 and sm_90) and runs it, which
-#             skips without a GPU; the phase is skipped when nvcc is absent
+#             skips without a GPU; the phase is skipped when nvcc is absent.
+#             (The kernels themselves also run on the CPU, emulated, in the
+#             main, compat and sanitize phases: psft_test_cuda_emulated.)
 #   docs      scripts/check-docs.sh: Doxygen API reference (docs/Doxyfile)
 #             over the public headers and docs/*.md, failing on any warning
 #   packaging scripts/check-packaging.sh: the vcpkg port staged with the

@@ -493,6 +493,7 @@ struct LogitsCase {
   double temperature = 1.0;
   std::int64_t ignore_index = -100;
   bool grad_logp = true, grad_entropy = true;
+  std::int64_t shift = 0;  ///< elements between an aligned address and the data
   std::uint64_t seed = 7;
 
   std::int64_t rows() const { return batch * time; }
@@ -512,7 +513,8 @@ struct LogitsData {
     return load(static_cast<const unsigned char*>(view.data), view.dtype, offset(row) + j);
   }
   void set(std::int64_t row, std::int64_t j, double v) const {
-    store(bytes->get(), view.dtype, offset(row) + j, v);
+    store(static_cast<unsigned char*>(const_cast<void*>(view.data)), view.dtype, offset(row) + j,
+          v);
   }
   std::int64_t offset(std::int64_t row) const {
     return (row / view.inner_size) * view.outer_stride +
@@ -538,9 +540,9 @@ LogitsData make_logits_layout(const LogitsCase& c) {
     v.inner_stride = c.vocab;
     elements = v.rows * c.vocab;
   }
-  d.bytes =
-      std::make_shared<Bytes>(static_cast<std::size_t>(elements) * kernels::element_size(c.dtype));
-  v.data = d.bytes->get();
+  const std::size_t size = kernels::element_size(c.dtype);
+  d.bytes = std::make_shared<Bytes>(static_cast<std::size_t>(elements + c.shift) * size);
+  v.data = d.bytes->get() + static_cast<std::size_t>(c.shift) * size;
   d.labels.assign(static_cast<std::size_t>(v.rows), 0);
   return d;
 }
@@ -571,7 +573,7 @@ struct LogitsOutputs {
   std::vector<unsigned char> status;
 };
 
-template <class acc_t, class out_t>
+template <class in_t, class acc_t>
 LogitsOutputs run_logits(const LogitsCase& c, const LogitsData& d,
                          const std::vector<double>& grad_logp,
                          const std::vector<double>& grad_entropy,
@@ -591,7 +593,7 @@ LogitsOutputs run_logits(const LogitsCase& c, const LogitsData& d,
   p.stats = stats.data();
   p.status = out.status.data();
   if (rows > 0)
-    cuda_emulator::launch(kernels::logits_forward<acc_t>, static_cast<unsigned>(rows),
+    cuda_emulator::launch(kernels::logits_forward<in_t, acc_t>, static_cast<unsigned>(rows),
                           kernels::kLogitsThreads, order, p);
   out.logp.assign(logp.begin(), logp.end());
   out.entropy.assign(entropy.begin(), entropy.end());
@@ -599,6 +601,7 @@ LogitsOutputs run_logits(const LogitsCase& c, const LogitsData& d,
   const std::vector<acc_t> gl(grad_logp.begin(), grad_logp.end());
   const std::vector<acc_t> ge(grad_entropy.begin(), grad_entropy.end());
   const std::size_t n = rows * static_cast<std::size_t>(c.vocab);
+  using out_t = in_t;  // the gradient keeps the logits' dtype
   std::vector<out_t> grad(n);
   for (auto& g : grad) g = kernels::to_output<out_t>(static_cast<acc_t>(kNaN));
   kernels::LogitsBackwardParams<out_t, acc_t> b{};
@@ -626,9 +629,9 @@ LogitsOutputs run_logits(const LogitsCase& c, const LogitsData& d,
     case DeviceDtype::Double:
       return run_logits<double, double>(c, d, grad_logp, grad_entropy, order);
     case DeviceDtype::BFloat16:
-      return run_logits<float, __nv_bfloat16>(c, d, grad_logp, grad_entropy, order);
+      return run_logits<__nv_bfloat16, float>(c, d, grad_logp, grad_entropy, order);
     case DeviceDtype::Half:
-      return run_logits<float, __half>(c, d, grad_logp, grad_entropy, order);
+      return run_logits<__half, float>(c, d, grad_logp, grad_entropy, order);
     default:
       return run_logits<float, float>(c, d, grad_logp, grad_entropy, order);
   }
@@ -1030,6 +1033,33 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("cuda logits kernels (emulated): 16-byte and element loads give identical results",
+          "[emulated][logits]") {
+  // V = 4096: every row starts 16-byte aligned, so full groups take the
+  // vector path; shifted by one element no row does. Same values, same bits.
+  for (DeviceDtype t :
+       {DeviceDtype::Float, DeviceDtype::BFloat16, DeviceDtype::Half, DeviceDtype::Double}) {
+    LogitsCase c;
+    c.dtype = t;
+    c.vocab = 4096;
+    c.time = 2;
+    c.temperature = 0.9;
+    LogitsCase shifted = c;
+    shifted.shift = 1;
+    const LogitsData aligned_data = make_logits(c);
+    const LogitsData shifted_data = make_logits(shifted);
+    const std::size_t rows = static_cast<std::size_t>(c.rows());
+    const std::vector<double> gl = random_weights(rows, 5), ge = random_weights(rows, 6);
+    const LogitsOutputs a = run_logits(c, aligned_data, gl, ge);
+    const LogitsOutputs b = run_logits(shifted, shifted_data, gl, ge);
+    INFO(c.name());
+    CHECK(std::memcmp(a.logp.data(), b.logp.data(), rows * sizeof(double)) == 0);
+    CHECK(std::memcmp(a.entropy.data(), b.entropy.data(), rows * sizeof(double)) == 0);
+    CHECK(std::memcmp(a.grad.data(), b.grad.data(), a.grad.size() * sizeof(double)) == 0);
+    check_logits_rows(c, aligned_data, a, gl, ge, all_rows(c.rows()));
+  }
+}
+
 TEST_CASE("cuda logits kernels (emulated): order independence and row flags",
           "[emulated][logits]") {
   LogitsCase c;
@@ -1113,7 +1143,7 @@ TEST_CASE("cuda logits kernels (emulated): offsets past 2^31 elements", "[emulat
   p.entropy = entropy.data();
   p.stats = stats.data();
   p.status = status.data();
-  cuda_emulator::launch(kernels::logits_forward<float>, static_cast<unsigned>(n),
+  cuda_emulator::launch(kernels::logits_forward<__nv_bfloat16, float>, static_cast<unsigned>(n),
                         kernels::kLogitsThreads, only, p);
 
   const std::size_t elements = n * static_cast<std::size_t>(c.vocab);

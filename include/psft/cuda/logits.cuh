@@ -4,13 +4,16 @@
 /// online max, sum-exp and sum p z of the row (core::OnlineSoftmax, merged
 /// across threads in a fixed tree order) and the label's log-probability and
 /// entropy; the backward kernel writes d/dlogits in the logits' dtype with
-/// core::token_logprob_grad. Rows whose label is ignore_index are not read.
+/// core::token_logprob_grad. Both read the logits 16 bytes at a time where
+/// they can (Note [Logits loads]). Rows whose label is ignore_index are not
+/// read.
 /// Torch-free; psft_cuda.cu wraps them (Note [Logits backends mirror core]).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "psft/core/config.hpp"
 #include "psft/core/online_softmax.hpp"
@@ -48,12 +51,76 @@ struct LogitsForwardParams {
   unsigned char* status;  ///< [rows]
 };
 
-/// Logit j of a row, scaled by 1 / temperature as every backend does it.
+// Note [Logits loads]
+// The kernels are compiled for the logits' element type (float, double,
+// __nv_bfloat16, __half). Thread t of a row's block owns the groups of
+// kLogitsVector<in_t> consecutive entries (16 bytes) starting at column
+// (t + k * kLogitsThreads) * kLogitsVector<in_t>. A full group of a row that
+// starts 16-byte aligned is read with one 16-byte load (and the gradient
+// written with one 16-byte store); other groups element by element. The
+// thread a given entry belongs to, and so the order of every sum, depends
+// only on the column, not on the row's alignment.
+
+/// Entries per 16-byte group.
+template <class in_t>
+constexpr int kLogitsVector = static_cast<int>(16 / sizeof(in_t));
+
+/// One logit as the accumulation type.
 template <class acc_t>
-__device__ inline acc_t scaled_logit(const DeviceLogits& l, std::int64_t base, std::int64_t j,
-                                     acc_t inv_temperature) {
-  const acc_t z = load_one<acc_t>(DeviceInput{l.data, l.dtype, 0, 1, false}, base + j);
-  return inv_temperature != acc_t(1) ? z * inv_temperature : z;
+__device__ inline acc_t logit_value(float z) {
+  return static_cast<acc_t>(z);
+}
+template <class acc_t>
+__device__ inline acc_t logit_value(double z) {
+  return static_cast<acc_t>(z);
+}
+template <class acc_t>
+__device__ inline acc_t logit_value(__nv_bfloat16 z) {
+  return static_cast<acc_t>(__bfloat162float(z));
+}
+template <class acc_t>
+__device__ inline acc_t logit_value(__half z) {
+  return static_cast<acc_t>(__half2float(z));
+}
+
+/// Whether a pointer may be read or written 16 bytes at a time.
+__device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+/// Reads the group at `col` of a row (Note [Logits loads]) into z[0..n),
+/// scaled by 1 / temperature as every backend does it; returns n.
+template <class in_t, class acc_t>
+__device__ inline int load_logits(const in_t* row, std::int64_t col, std::int64_t vocab,
+                                  bool aligned, acc_t inv_temperature,
+                                  acc_t (&z)[kLogitsVector<in_t>]) {
+  constexpr int kVector = kLogitsVector<in_t>;
+  const int n = static_cast<int>(vocab - col < kVector ? vocab - col : kVector);
+  if (aligned && n == kVector) {
+    const uint4 bits = *reinterpret_cast<const uint4*>(row + col);
+    in_t values[kVector];
+    memcpy(static_cast<void*>(values), &bits, sizeof bits);
+#pragma unroll
+    for (int k = 0; k < kVector; ++k) z[k] = logit_value<acc_t>(values[k]);
+  } else {
+    for (int k = 0; k < n; ++k) z[k] = logit_value<acc_t>(row[col + k]);
+  }
+  if (inv_temperature != acc_t(1))
+    for (int k = 0; k < n; ++k) z[k] *= inv_temperature;
+  return n;
+}
+
+/// Writes values[0..n) at `col` of a gradient row.
+template <class out_t>
+__device__ inline void store_group(out_t* row, std::int64_t col, int n, bool aligned,
+                                   const out_t (&values)[kLogitsVector<out_t>]) {
+  if (aligned && n == kLogitsVector<out_t>) {
+    uint4 bits;
+    memcpy(&bits, static_cast<const void*>(values), sizeof bits);
+    *reinterpret_cast<uint4*>(row + col) = bits;
+  } else {
+    for (int k = 0; k < n; ++k) row[col + k] = values[k];
+  }
 }
 
 template <class acc_t>
@@ -64,9 +131,11 @@ struct alignas(core::OnlineSoftmax<acc_t>) SoftmaxStorage {
   }
 };
 
-template <class acc_t>
+/// Forward: in_t is the logits' element type (DeviceLogits::dtype).
+template <class in_t, class acc_t>
 __global__ void __launch_bounds__(kLogitsThreads)
     logits_forward(const LogitsForwardParams<acc_t> p) {
+  constexpr int kVector = kLogitsVector<in_t>;
   __shared__ SoftmaxStorage<acc_t> storage;
   const std::int64_t r = blockIdx.x;
   const std::int64_t label = p.labels[r];
@@ -79,10 +148,15 @@ __global__ void __launch_bounds__(kLogitsThreads)
     return;
   }
   const DeviceLogits& l = p.logits;
-  const std::int64_t base = l.offset(r);
+  const in_t* row = static_cast<const in_t*>(l.data) + l.offset(r);
+  const bool aligned = aligned16(row);
   core::OnlineSoftmax<acc_t> mine;
-  for (std::int64_t j = threadIdx.x; j < l.vocab; j += kLogitsThreads)
-    mine.add(scaled_logit(l, base, j, p.inv_temperature));
+  for (std::int64_t col = std::int64_t(threadIdx.x) * kVector; col < l.vocab;
+       col += std::int64_t(kLogitsThreads) * kVector) {
+    acc_t z[kVector];
+    const int n = load_logits(row, col, l.vocab, aligned, p.inv_temperature, z);
+    for (int k = 0; k < n; ++k) mine.add(z[k]);
+  }
   core::OnlineSoftmax<acc_t>* shared = storage.get();
   shared[threadIdx.x] = mine;
   __syncthreads();
@@ -91,23 +165,25 @@ __global__ void __launch_bounds__(kLogitsThreads)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const core::OnlineSoftmax<acc_t> row = shared[0];
+    const core::OnlineSoftmax<acc_t> all = shared[0];
     unsigned char flags = 0;
-    if (row.invalid()) {
+    if (all.invalid()) {
       flags |= kRowNonFinite;
-    } else if (row.empty()) {
+    } else if (all.empty()) {
       flags |= kRowAllNegInf;
     }
     const bool label_ok = label >= 0 && label < l.vocab;
     if (!label_ok) flags |= kRowBadLabel;
     // An out-of-range label (check_inputs off) reads a clamped entry.
     const std::int64_t read = label_ok ? label : (label < 0 ? 0 : l.vocab - 1);
-    p.logp[r] = row.log_prob(scaled_logit(l, base, read, p.inv_temperature));
-    p.entropy[r] = row.entropy();
+    acc_t z = logit_value<acc_t>(row[read]);
+    if (p.inv_temperature != acc_t(1)) z *= p.inv_temperature;
+    p.logp[r] = all.log_prob(z);
+    p.entropy[r] = all.entropy();
     if (p.stats) {
-      p.stats[3 * r] = row.max;
-      p.stats[3 * r + 1] = row.log_sum();
-      p.stats[3 * r + 2] = row.mean_shifted();
+      p.stats[3 * r] = all.max;
+      p.stats[3 * r + 1] = all.log_sum();
+      p.stats[3 * r + 2] = all.mean_shifted();
     }
     p.status[r] = flags;
   }
@@ -125,26 +201,41 @@ struct LogitsBackwardParams {
   out_t* grad;                ///< [rows, vocab] contiguous
 };
 
+/// Backward: out_t is the logits' element type, which the gradient keeps.
 template <class out_t, class acc_t>
 __global__ void __launch_bounds__(kLogitsThreads)
     logits_backward(const LogitsBackwardParams<out_t, acc_t> p) {
+  constexpr int kVector = kLogitsVector<out_t>;
   const std::int64_t r = blockIdx.x;
   const DeviceLogits& l = p.logits;
   out_t* out = p.grad + r * l.vocab;
   const std::int64_t label = p.labels[r];
   const acc_t g = p.grad_logp ? p.grad_logp[r] : acc_t(0);
   const acc_t h = p.grad_entropy ? p.grad_entropy[r] : acc_t(0);
+  const std::int64_t first = std::int64_t(threadIdx.x) * kVector;
+  const std::int64_t step = std::int64_t(kLogitsThreads) * kVector;
   if (label == p.ignore_index || (g == acc_t(0) && h == acc_t(0))) {
-    for (std::int64_t j = threadIdx.x; j < l.vocab; j += kLogitsThreads)
-      out[j] = to_output<out_t>(acc_t(0));
+    const bool aligned = aligned16(out);
+    out_t zeros[kVector];
+    for (int k = 0; k < kVector; ++k) zeros[k] = to_output<out_t>(acc_t(0));
+    for (std::int64_t col = first; col < l.vocab; col += step) {
+      const int n = static_cast<int>(l.vocab - col < kVector ? l.vocab - col : kVector);
+      store_group(out, col, n, aligned, zeros);
+    }
     return;
   }
-  const std::int64_t base = l.offset(r);
+  const out_t* row = static_cast<const out_t*>(l.data) + l.offset(r);
+  const bool aligned = aligned16(row) && aligned16(out);
   const acc_t m = p.stats[3 * r], log_sum = p.stats[3 * r + 1], mean = p.stats[3 * r + 2];
-  for (std::int64_t j = threadIdx.x; j < l.vocab; j += kLogitsThreads) {
-    const acc_t y = scaled_logit(l, base, j, p.inv_temperature) - m;
-    out[j] = to_output<out_t>(p.inv_temperature *
-                              core::token_logprob_grad(y, j == label, log_sum, mean, g, h));
+  for (std::int64_t col = first; col < l.vocab; col += step) {
+    acc_t z[kVector];
+    const int n = load_logits(row, col, l.vocab, aligned, p.inv_temperature, z);
+    out_t values[kVector];
+    for (int k = 0; k < n; ++k)
+      values[k] =
+          to_output<out_t>(p.inv_temperature * core::token_logprob_grad(z[k] - m, col + k == label,
+                                                                        log_sum, mean, g, h));
+    store_group(out, col, n, aligned, values);
   }
 }
 

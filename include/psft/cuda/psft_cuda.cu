@@ -207,7 +207,8 @@ at::Tensor token_logprobs_forward(const at::Tensor& logits, const at::Tensor& la
   TORCH_CHECK(labels.is_contiguous() && labels.numel() == l.rows && logp.is_contiguous() &&
                   entropy.is_contiguous(),
               "psft: internal error: bad outputs for the CUDA logits kernel");
-  const auto launch = [&](auto zero) {
+  const auto launch = [&](auto element, auto zero) {
+    using in_t = decltype(element);
     using acc_t = decltype(zero);
     kernels::LogitsForwardParams<acc_t> p;
     p.logits = l;
@@ -218,14 +219,26 @@ at::Tensor token_logprobs_forward(const at::Tensor& logits, const at::Tensor& la
     p.entropy = entropy.data_ptr<acc_t>();
     p.stats = stats.defined() ? stats.data_ptr<acc_t>() : nullptr;
     p.status = status.data_ptr<std::uint8_t>();
-    kernels::logits_forward<acc_t><<<static_cast<unsigned>(l.rows), kernels::kLogitsThreads, 0,
-                                     at::cuda::getCurrentCUDAStream()>>>(p);
+    kernels::logits_forward<in_t, acc_t><<<static_cast<unsigned>(l.rows), kernels::kLogitsThreads,
+                                           0, at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (logits.scalar_type() == at::kDouble) {
-    launch(0.0);
-  } else {
-    launch(0.0f);
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      launch(0.0f, 0.0f);
+      break;
+    case at::kBFloat16:
+      launch(__nv_bfloat16(), 0.0f);
+      break;
+    case at::kHalf:
+      launch(__half(), 0.0f);
+      break;
+    case at::kDouble:
+      launch(0.0, 0.0);
+      break;
+    default:
+      TORCH_CHECK(false, "psft: unsupported logits dtype ", logits.scalar_type(),
+                  " in the CUDA kernel");
   }
   return status;
 }
