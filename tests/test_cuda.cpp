@@ -40,10 +40,15 @@ bool have_cuda() {
   return false;
 }
 
-/// Fills the caching allocator's free blocks with NaN bytes.
+/// Fills the caching allocator's free blocks with NaN bytes: one large block
+/// (the large pool) and many 256 KiB ones (the pool of blocks up to 1 MiB,
+/// where this file's small tensors come from).
 void poison_cuda_allocator() {
-  at::full({std::int64_t(1) << 24}, std::numeric_limits<float>::quiet_NaN(),
-           at::TensorOptions().device(at::kCUDA).dtype(at::kFloat));
+  const auto nan = std::numeric_limits<float>::quiet_NaN();
+  const auto cuda = at::TensorOptions().device(at::kCUDA).dtype(at::kFloat);
+  at::full({std::int64_t(1) << 24}, nan, cuda);
+  std::vector<Tensor> small;
+  for (int i = 0; i < 64; ++i) small.push_back(at::full({std::int64_t(1) << 16}, nan, cuda));
 }
 
 Tensor metrics_of(const psft::LossResult& r) {
@@ -83,7 +88,9 @@ Run run(const Tensor& logp, const Tensor& old, const Tensor& adv, const Tensor& 
   const auto on = [&](const Tensor& t) { return t.defined() ? t.to(device) : t; };
   const Tensor x = logp.to(device).detach().requires_grad_();
   if (device.is_cuda()) poison_cuda_allocator();
-  const psft::LossResult r = psft::policy_loss(x, on(old), on(adv), on(mask), opts);
+  // No advantages: PSFT (A = 1), which policy_loss does not take.
+  const psft::LossResult r = adv.defined() ? psft::policy_loss(x, on(old), on(adv), on(mask), opts)
+                                           : psft::psft_loss(x, on(old), on(mask), opts);
   r.loss.backward();
   return {r.loss.detach().to(at::kCPU), metrics_of(r), x.grad().to(at::kCPU)};
 }
@@ -211,7 +218,8 @@ TEST_CASE("CUDA kernel: NaN old_logp at an unmasked token raises", "[cuda][error
   Tensor old = at::zeros({2, 3}, at::TensorOptions().device(at::kCUDA));
   old.index_put_({1, 2}, std::numeric_limits<double>::quiet_NaN());
   psft::LossOptions opts;
-  CHECK_THROWS_AS(psft::policy_loss(logp, old, Tensor(), Tensor(), opts), c10::Error);
+  CHECK_THROWS_WITH(psft::psft_loss(logp, old, Tensor(), opts),
+                    Catch::Contains("old_logp has NaN or Inf"));
 }
 
 namespace {

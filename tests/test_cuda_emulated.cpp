@@ -843,6 +843,18 @@ TEST_CASE(
     c.seed = ++seed;
     cases.push_back(c);
   }
+  // Few long rows, summed by the whole finalize block (Note [Row sums in
+  // finalize]): one row of 10 units, two of 18.
+  for (std::int64_t rows : {1, 2}) {
+    ClippedCase c;
+    c.rows = rows;
+    c.cols = rows == 1 ? 9 * kernels::kChunk + 5 : 17 * kernels::kChunk + 1;
+    c.advantages = DeviceDtype::Float;
+    c.options = options_for(psft::Reduction::SeqMeanTokenMean);
+    c.seed = ++seed;
+    REQUIRE(c.cols / kernels::kChunk + 1 > kernels::kBlockPerRow * rows);
+    cases.push_back(c);
+  }
   // One row, as a 1-D tensor is described.
   {
     ClippedCase c;
@@ -862,12 +874,13 @@ TEST_CASE(
 TEST_CASE("cuda clipped kernels (emulated): results do not depend on block or thread order",
           "[emulated][clipped]") {
   ClippedCase c;
-  c.rows = 3;
-  c.cols = 4500;
   c.advantages = DeviceDtype::Float;
   c.options = options_for(psft::Reduction::SeqMeanTokenMean);
   c.options.clip.dual_clip = 3.0;
   for (DeviceDtype t : {DeviceDtype::Float, DeviceDtype::BFloat16}) {
+    // Rows summed by one thread each, then two long rows summed by the block.
+    c.rows = t == DeviceDtype::Float ? 3 : 2;
+    c.cols = t == DeviceDtype::Float ? 4500 : 17 * kernels::kChunk + 100;
     c.logp = c.old_logp = t;
     const ClippedInputs in = make_inputs(c);
     const ClippedOutputs first = run_clipped(c, in);

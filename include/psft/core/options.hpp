@@ -90,7 +90,9 @@ struct LossOptions {
   /// Check old_logp, advantages and mask for NaN/Inf (and negative mask
   /// weights). On the CPU the check is fused into the loss pass (a few
   /// percent); on other devices it costs one host-device synchronisation,
-  /// so set it to false in a tuned GPU loop.
+  /// so set it to false in a tuned GPU loop. On the fused CUDA kernel the
+  /// same switch covers the check that the normaliser's counts are not
+  /// smaller than the batch's own.
   bool check_finite = true;
   /// Which implementation runs; Auto picks the fused kernel for the device.
   Backend backend = Backend::Auto;

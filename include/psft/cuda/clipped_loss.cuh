@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
@@ -182,7 +183,28 @@ __device__ inline void load_group(const DeviceInput& in, std::int64_t row, std::
         break;
     }
   }
-  for (int i = 0; i < n; ++i) out[i] = load_one<acc_t>(in, base + i * in.col_stride);
+#pragma unroll
+  for (int i = 0; i < kGroup; ++i)
+    if (i < n) out[i] = load_one<acc_t>(in, base + i * in.col_stride);
+}
+
+/// Whether a pointer may be read or written 16 bytes at a time.
+__device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+/// Writes N values of T (a multiple of 16 bytes) to a 16-byte aligned
+/// address with 16-byte stores.
+template <class T, int N>
+__device__ inline void store16(T* dst, const T (&values)[N]) {
+  static_assert(sizeof(T) * N % 16 == 0, "whole 16-byte stores only");
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(values);
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(T) * N / 16); ++k) {
+    uint4 bits;
+    memcpy(&bits, bytes + 16 * k, sizeof bits);
+    reinterpret_cast<uint4*>(dst)[k] = bits;
+  }
 }
 
 /// Flags of bad unmasked values (bits of Partial::flags).
@@ -279,7 +301,13 @@ __global__ void __launch_bounds__(kThreads) forward_units(const ForwardParams<ac
     }
     if (a.coef) {
       acc_t* dst = a.coef + row * a.cols + col;
-      for (int i = 0; i < n; ++i) dst[i] = coef_out[i];
+      if (n == kGroup && aligned16(dst)) {
+        store16(dst, coef_out);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i)
+          if (i < n) dst[i] = coef_out[i];
+      }
     }
   }
   Partial* shared = storage.get();
@@ -308,6 +336,19 @@ enum StatusIndex : int {
   kStatusCount
 };
 
+// Note [Row sums in finalize]
+// finalize first sums each row's units. One thread per row does it serially,
+// which is fine for many rows of few units; for few long rows (a 1-D batch
+// of 2^20 tokens is one row of 512 units) it would leave 255 threads idle
+// while one walks the units, so there the whole block sums each row in a
+// fixed tree, one row after another. Which way is used depends only on the
+// shape (units per row > kBlockPerRow x rows, an estimate of where the
+// block's per-row cost of a tree and two barriers wins), so results stay
+// reproducible.
+
+/// See Note [Row sums in finalize].
+constexpr std::int64_t kBlockPerRow = 8;
+
 template <class acc_t>
 struct FinalizeParams {
   std::int64_t rows, chunks_per_row;
@@ -329,15 +370,33 @@ __global__ void __launch_bounds__(kThreads) finalize(const FinalizeParams<acc_t>
   Partial mine;
   mine.reset();
   double sequences = 0;  // rows with tokens, kept in `loss` of a second pass
-  for (std::int64_t r = threadIdx.x; r < f.rows; r += kThreads) {
-    Partial row;
-    row.reset();
-    for (std::int64_t c = 0; c < f.chunks_per_row; ++c)
-      row.merge(f.partials[r * f.chunks_per_row + c]);
+  // Row r's sums belong to thread r % kThreads, whichever way they are formed.
+  const auto keep_row = [&](std::int64_t r, const Partial& row) {
     f.row_loss[r] = row.loss;
     f.row_tokens[r] = row.tokens;
     sequences += row.tokens > 0 ? 1.0 : 0.0;
     mine.merge(row);
+  };
+  if (f.chunks_per_row > kBlockPerRow * f.rows) {
+    // Few long rows (Note [Row sums in finalize]): the block sums each row.
+    for (std::int64_t r = 0; r < f.rows; ++r) {
+      Partial part;
+      part.reset();
+      for (std::int64_t c = threadIdx.x; c < f.chunks_per_row; c += kThreads)
+        part.merge(f.partials[r * f.chunks_per_row + c]);
+      block_reduce(shared, part);
+      const Partial row = shared[0];
+      __syncthreads();  // everyone has read shared[0] before the next row
+      if (static_cast<std::int64_t>(threadIdx.x) == r % kThreads) keep_row(r, row);
+    }
+  } else {
+    for (std::int64_t r = threadIdx.x; r < f.rows; r += kThreads) {
+      Partial row;
+      row.reset();
+      for (std::int64_t c = 0; c < f.chunks_per_row; ++c)
+        row.merge(f.partials[r * f.chunks_per_row + c]);
+      keep_row(r, row);
+    }
   }
   block_reduce(shared, mine);
   const Partial total = shared[0];

@@ -83,11 +83,6 @@ __device__ inline acc_t logit_value(__half z) {
   return static_cast<acc_t>(__half2float(z));
 }
 
-/// Whether a pointer may be read or written 16 bytes at a time.
-__device__ inline bool aligned16(const void* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-}
-
 /// Reads the group at `col` of a row (Note [Logits loads]) into z[0..n),
 /// scaled by 1 / temperature as every backend does it; returns n.
 template <class in_t, class acc_t>
@@ -103,10 +98,15 @@ __device__ inline int load_logits(const in_t* row, std::int64_t col, std::int64_
 #pragma unroll
     for (int k = 0; k < kVector; ++k) z[k] = logit_value<acc_t>(values[k]);
   } else {
-    for (int k = 0; k < n; ++k) z[k] = logit_value<acc_t>(row[col + k]);
+#pragma unroll
+    for (int k = 0; k < kVector; ++k)
+      if (k < n) z[k] = logit_value<acc_t>(row[col + k]);
   }
-  if (inv_temperature != acc_t(1))
-    for (int k = 0; k < n; ++k) z[k] *= inv_temperature;
+  if (inv_temperature != acc_t(1)) {
+#pragma unroll
+    for (int k = 0; k < kVector; ++k)
+      if (k < n) z[k] *= inv_temperature;
+  }
   return n;
 }
 
@@ -115,11 +115,11 @@ template <class out_t>
 __device__ inline void store_group(out_t* row, std::int64_t col, int n, bool aligned,
                                    const out_t (&values)[kLogitsVector<out_t>]) {
   if (aligned && n == kLogitsVector<out_t>) {
-    uint4 bits;
-    memcpy(&bits, static_cast<const void*>(values), sizeof bits);
-    *reinterpret_cast<uint4*>(row + col) = bits;
+    store16(row + col, values);
   } else {
-    for (int k = 0; k < n; ++k) row[col + k] = values[k];
+#pragma unroll
+    for (int k = 0; k < kLogitsVector<out_t>; ++k)
+      if (k < n) row[col + k] = values[k];
   }
 }
 
@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(kLogitsThreads)
        col += std::int64_t(kLogitsThreads) * kVector) {
     acc_t z[kVector];
     const int n = load_logits(row, col, l.vocab, aligned, p.inv_temperature, z);
-    for (int k = 0; k < n; ++k) mine.add(z[k]);
+#pragma unroll
+    for (int k = 0; k < kVector; ++k)
+      if (k < n) mine.add(z[k]);
   }
   core::OnlineSoftmax<acc_t>* shared = storage.get();
   shared[threadIdx.x] = mine;
@@ -231,10 +233,13 @@ __global__ void __launch_bounds__(kLogitsThreads)
     acc_t z[kVector];
     const int n = load_logits(row, col, l.vocab, aligned, p.inv_temperature, z);
     out_t values[kVector];
-    for (int k = 0; k < n; ++k)
-      values[k] =
-          to_output<out_t>(p.inv_temperature * core::token_logprob_grad(z[k] - m, col + k == label,
-                                                                        log_sum, mean, g, h));
+#pragma unroll
+    for (int k = 0; k < kVector; ++k) {
+      if (k < n)
+        values[k] = to_output<out_t>(
+            p.inv_temperature *
+            core::token_logprob_grad(z[k] - m, col + k == label, log_sum, mean, g, h));
+    }
     store_group(out, col, n, aligned, values);
   }
 }

@@ -167,6 +167,7 @@ kernels::DeviceLogits device_logits(const at::Tensor& logits) {
     v.inner_stride = logits.stride(0);
   }
   if (v.inner_size == 0) v.inner_size = 1;
+  TORCH_CHECK(v.vocab >= 1, "psft: internal error: the CUDA logits kernels need a vocabulary");
   TORCH_CHECK(v.vocab <= 1 || logits.stride(-1) == 1,
               "psft: internal error: the CUDA logits kernel needs stride 1 along the vocabulary");
   TORCH_CHECK(v.rows <= std::int64_t(0x7fffffff), "psft: too many tokens for the CUDA kernel");
