@@ -12,7 +12,8 @@
 //
 // Tolerances (relative, loss and metrics relative to max(1, |value|)):
 //   float64  1e-12    float32 / bfloat16 / float16 inputs  1e-5
-//   gradient: float64 1e-12, float32 1e-5, bfloat16 8e-3, float16 1e-3
+//   gradient, relative to its largest entry: float64 1e-12, float32 1e-5,
+//   bfloat16 8e-3, float16 1e-3
 // (float accumulation in both backends; exp() differs by an ulp or two).
 
 // LibTorch's logging header defines its own CHECK macro; drop it so that
@@ -65,6 +66,15 @@ double max_rel_diff(const Tensor& a, const Tensor& b) {
   return ((x - y).abs() / y.abs().clamp_min(1.0)).max().item<double>();
 }
 
+/// max |a - b| relative to the largest |b|: for gradients, whose entries are
+/// often far below 1 (max_rel_diff would then only bound absolute errors).
+double max_scaled_diff(const Tensor& a, const Tensor& b) {
+  const Tensor x = a.to(at::kCPU, at::kDouble), y = b.to(at::kCPU, at::kDouble);
+  if (x.numel() == 0) return 0.0;
+  const double largest = y.abs().max().item<double>();
+  return (x - y).abs().max().item<double>() / (largest > 0 ? largest : 1.0);
+}
+
 double grad_tolerance(at::ScalarType t) {
   switch (t) {
     case at::kDouble:
@@ -107,7 +117,7 @@ void check_parity(const Tensor& logp, const Tensor& old, const Tensor& adv, cons
   REQUIRE(gpu.grad.defined());
   CHECK(gpu.grad.scalar_type() == logp.scalar_type());
   CHECK_FALSE(gpu.grad.isnan().any().item<bool>());
-  CHECK(max_rel_diff(gpu.grad, cpu.grad) <= grad_tolerance(logp.scalar_type()));
+  CHECK(max_scaled_diff(gpu.grad, cpu.grad) <= grad_tolerance(logp.scalar_type()));
 }
 
 using test_support::kReductions;
@@ -126,10 +136,12 @@ TEST_CASE("CUDA kernel matches the CPU kernel: dtypes, reductions, dual clip, sh
           "[cuda][parity]") {
   if (!have_cuda()) return;
   const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat, at::kBFloat16, at::kHalf);
-  // Odd sizes exercise the scalar tails; 5000 columns span three units.
+  // Odd sizes exercise the scalar tails; 5000 columns span three units;
+  // 2 x 40000 and 2^16 are few long rows, which finalize sums block-wide.
   const std::vector<std::int64_t> shape =
       GENERATE(std::vector<std::int64_t>{3, 37}, std::vector<std::int64_t>{4, 5000},
-               std::vector<std::int64_t>{8, 256}, std::vector<std::int64_t>{1 << 14});
+               std::vector<std::int64_t>{8, 256}, std::vector<std::int64_t>{1 << 14},
+               std::vector<std::int64_t>{2, 40000}, std::vector<std::int64_t>{1 << 16});
   INFO("dtype " << dtype << " shape " << c10::IntArrayRef(shape));
   at::manual_seed(7);
   const Tensor logp = (at::randn(shape, at::kDouble) * 0.3 - 1.0).to(dtype);
@@ -175,7 +187,7 @@ TEST_CASE("CUDA kernel: float64 matches an independent double computation", "[cu
   const double expected = (-at::minimum(r, at::full_like(r, 1.28))).mean().item<double>();
   CHECK(std::abs(gpu.loss.item<double>() - expected) <= 1e-12 * std::max(1.0, std::abs(expected)));
   const Tensor expected_grad = at::where(r <= 1.28, -r, at::zeros_like(r)) / 1500.0;
-  CHECK(max_rel_diff(gpu.grad, expected_grad) <= 1e-12);
+  CHECK(max_scaled_diff(gpu.grad, expected_grad) <= 1e-12);
 }
 
 TEST_CASE("CUDA kernel: empty and fully masked batches give loss 0 and zero gradients",
@@ -248,10 +260,13 @@ TEST_CASE("CUDA logits kernel matches the CPU kernel", "[cuda][logits]") {
   if (!have_cuda()) return;
   const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat, at::kBFloat16, at::kHalf);
   const double temperature = GENERATE(1.0, 0.7);
-  INFO("dtype " << dtype << " temperature " << temperature);
+  // 1001: most rows start unaligned (entry-by-entry loads); 4096: every row
+  // is read and written 16 bytes at a time.
+  const std::int64_t vocab = GENERATE(1001, 4096);
+  INFO("dtype " << dtype << " temperature " << temperature << " vocab " << vocab);
   at::manual_seed(13);
-  const Tensor logits = (at::randn({3, 5, 1001}, at::kDouble) * 3.0).to(dtype);
-  Tensor labels = at::randint(0, 1001, {3, 5}, at::kLong);
+  const Tensor logits = (at::randn({3, 5, vocab}, at::kDouble) * 3.0).to(dtype);
+  Tensor labels = at::randint(0, vocab, {3, 5}, at::kLong);
   labels.index_put_({0, 1}, -100);  // ignored rows: zeros, not read
   labels.index_put_({2, 4}, -100);
   psft::LogitsOptions opts;
@@ -267,7 +282,7 @@ TEST_CASE("CUDA logits kernel matches the CPU kernel", "[cuda][logits]") {
   CHECK(max_rel_diff(gpu.entropy, cpu.entropy) <= tol);
   CHECK(gpu.grad.scalar_type() == dtype);
   CHECK_FALSE(gpu.grad.isnan().any().item<bool>());
-  CHECK(max_rel_diff(gpu.grad, cpu.grad) <= grad_tolerance(dtype));
+  CHECK(max_scaled_diff(gpu.grad, cpu.grad) <= grad_tolerance(dtype));
 }
 
 TEST_CASE("CUDA logits kernel: empty batch and bad inputs", "[cuda][logits][errors]") {
@@ -284,4 +299,68 @@ TEST_CASE("CUDA logits kernel: empty batch and bad inputs", "[cuda][logits][erro
   CHECK_THROWS_AS(psft::token_logprobs(at::zeros({2, 10}, cuda),
                                        at::full({2}, 10, cuda.dtype(at::kLong)), opts),
                   c10::Error);
+}
+
+TEST_CASE("CUDA logits kernel: rows past element 2^31", "[cuda][logits][large]") {
+  if (!have_cuda()) return;
+  // 16400 x 131075 bf16 (4.3 GB, and as much again for the gradient): row
+  // 16383 straddles element 2^31. The rows around it are compared with the
+  // CPU kernel on a copy of just those rows.
+  const std::int64_t rows = 16400, vocab = 131075;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::manual_seed(17);
+  const Tensor logits = (at::randn({rows, vocab}, cuda) * 3.0).to(at::kBFloat16);
+  const Tensor labels = at::randint(0, vocab, {rows}, cuda.dtype(at::kLong));
+  REQUIRE(16383 * vocab < (std::int64_t(1) << 31));
+  REQUIRE(16384 * vocab > (std::int64_t(1) << 31));
+  psft::LogitsOptions opts;
+  opts.entropy_grad = true;
+  const Tensor x = logits.detach().requires_grad_();
+  const psft::TokenLogprobs t = psft::token_logprobs(x, labels, opts);
+  CHECK(t.backend == psft::Backend::FusedCuda);
+  (t.logp * 0.5 + t.entropy * 0.25).sum().backward();
+
+  const Tensor picked =
+      at::tensor(std::vector<std::int64_t>{0, 16382, 16383, 16384, 16399}, cuda.dtype(at::kLong));
+  psft::LogitsOptions cpu_opts = opts;
+  cpu_opts.backend = psft::Backend::FusedCpu;
+  const Tensor y = logits.index_select(0, picked).cpu().requires_grad_();
+  const psft::TokenLogprobs c =
+      psft::token_logprobs(y, labels.index_select(0, picked).cpu(), cpu_opts);
+  (c.logp * 0.5 + c.entropy * 0.25).sum().backward();
+  CHECK(max_rel_diff(t.logp.index_select(0, picked), c.logp) <= 1e-5);
+  CHECK(max_rel_diff(t.entropy.index_select(0, picked), c.entropy) <= 1e-5);
+  CHECK(max_scaled_diff(x.grad().index_select(0, picked), y.grad()) <=
+        grad_tolerance(at::kBFloat16));
+}
+
+TEST_CASE("CUDA kernel: tokens past element 2^31", "[cuda][parity][large]") {
+  if (!have_cuda()) return;
+  // 524163 x 4097 bf16 tokens (2.15e9): the token count and every offset
+  // pass 2^31. Token mean without a mask scales every gradient by 1 / N, so
+  // the rows around element 2^31 are compared with the CPU kernel on just
+  // those rows, rescaled by the ratio of the token counts.
+  const std::int64_t rows = 524163, cols = 4097;
+  const double n = double(rows) * double(cols);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::manual_seed(19);
+  const Tensor logp = (at::randn({rows, cols}, cuda) * 0.3 - 1.0).to(at::kBFloat16);
+  const Tensor old = (logp.to(at::kFloat) + at::randn({rows, cols}, cuda) * 0.3).to(at::kBFloat16);
+  psft::LossOptions opts;
+  opts.check_finite = true;
+  const Tensor x = logp.detach().requires_grad_();
+  const psft::LossResult r = psft::psft_loss(x, old, Tensor(), opts);
+  r.loss.backward();
+  CHECK(std::isfinite(r.loss.item<double>()));
+  CHECK(r.metrics.token_count.item<double>() == n);
+
+  const std::int64_t middle = (std::int64_t(1) << 31) / cols;
+  const Tensor picked = at::arange(middle - 1, middle + 2, cuda.dtype(at::kLong));
+  psft::LossOptions cpu_opts;
+  cpu_opts.backend = psft::Backend::FusedCpu;
+  const Tensor y = logp.index_select(0, picked).cpu().requires_grad_();
+  psft::psft_loss(y, old.index_select(0, picked).cpu(), Tensor(), cpu_opts).loss.backward();
+  const double small = 3.0 * double(cols);
+  const Tensor rescaled = x.grad().index_select(0, picked).to(at::kCPU, at::kDouble) * (n / small);
+  CHECK(max_scaled_diff(rescaled, y.grad()) <= grad_tolerance(at::kBFloat16));
 }
