@@ -1,60 +1,221 @@
-"""torch.compile baseline for psft's CUDA benchmark (run by scripts/gpu-check.sh).
+"""torch.compile and eager PyTorch baselines for psft's CUDA benchmark.
 
-The clipped objective at N = 2**20 tokens written in PyTorch and compiled with
-torch.compile, forward + backward, timed like benchmarks/bench_cuda.cpp
-(median of 50 runs after warm-up). Prints lines in the same format.
+The same math as benchmarks/bench_cuda.cpp's API cases, written in PyTorch and
+run twice in one process, eagerly and through torch.compile (default mode):
+
+  clipped/fwd_bwd/<dtype>/1048576
+      the token-mean clipped objective and psft's metrics (clip fractions, KL
+      estimates, ratio mean/min/max, token count) on bf16 or fp32 logp,
+      old_logp and advantages and a bool mask, and the gradient of the loss.
+      The inputs go in as they are: no casts to float32 in the timed step.
+  logits/fwd/bf16/16384x151936
+      log_softmax of [16384, 151936] bf16 logits in float32, the label's
+      log-probability and the entropy, without gradient;
+  logits/fwd_bwd/bf16/16384x151936
+      the same and the gradient of logp.sum() + entropy.sum().
+
+Each call is timed with CUDA events after writing twice the L2 cache, as the
+C++ benchmark does; the line gives the mean over at least 0.1 s of GPU time,
+after warm-up (compilation). GB/s counts the same bytes as the C++ API rows.
+With --psft FILE (the output of psft_bench_cuda) each line also gives psft's
+fused time for the case and how much faster it is. Exits 0 without CUDA.
+
+    python3 benchmarks/compile_baseline.py [--psft bench_cuda.txt]
+
+Memory: the eager logits case holds several float32 [16384, 151936] tensors
+(10 GB each) at once; a case that runs out of memory prints "out of memory"
+and the script goes on.
 """
 
-import time
+import argparse
+import sys
 
 import torch
 
+TOKENS = 1 << 20
+LOGITS_TOKENS, VOCAB = 16384, 151936
+IGNORE_INDEX = -100
+EPS_LOW, EPS_HIGH, LOG_RATIO_CLAMP = 0.2, 0.28, 20.0
+MIN_SECONDS = 0.1
+MAX_CALLS = 10000
+WARMUP_CALLS = 3
 
-def clipped_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, bound=20.0):
-    ratio = torch.exp(torch.clamp(logp - old_logp, -bound, bound))
+
+def clipped_loss(logp, old_logp, advantages, mask):
+    """psft.policy_loss with token-mean reduction: the loss and the metrics."""
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    loss = torch.maximum(unclipped, clipped)
-    weight = mask.to(loss.dtype)
-    return (loss * weight).sum() / weight.sum().clamp_min(1)
+    clipped = -advantages * torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH)
+    token_loss = torch.maximum(unclipped, clipped)
+    count = mask.sum(dtype=torch.float32)
+    denominator = count.clamp_min(1)
+    loss = torch.where(mask, token_loss, 0).sum(dtype=torch.float32) / denominator
+
+    r, d = ratio.detach(), log_ratio.detach()
+
+    def mean(values):
+        return torch.where(mask, values, 0).sum(dtype=torch.float32) / denominator
+
+    def fraction(flags):
+        return (flags & mask).sum(dtype=torch.float32) / denominator
+
+    metrics = torch.stack([
+        fraction(clipped.detach() > unclipped.detach()),
+        fraction((r > 1 + EPS_HIGH) & (advantages > 0)),
+        fraction((r < 1 - EPS_LOW) & (advantages < 0)),
+        mean(-d),
+        mean(r - 1 - d),
+        mean(r),
+        r.masked_fill(~mask, float("inf")).min().to(torch.float32),
+        r.masked_fill(~mask, float("-inf")).max().to(torch.float32),
+        count,
+    ])
+    return loss, metrics
 
 
-def median_ms(body, iterations=50):
-    for _ in range(5):
-        body()
+def token_logprobs(logits, labels):
+    """log p(label) and the entropy per token, as psft.token_logprobs."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    scored = labels != IGNORE_INDEX
+    logp = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return torch.where(scored, logp, 0), torch.where(scored, entropy, 0)
+
+
+def time_ms(step):
+    """Mean GPU milliseconds per call, each call after an L2 flush."""
+    for _ in range(WARMUP_CALLS):
+        step()
     torch.cuda.synchronize()
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2_bytes = getattr(properties, "L2_cache_size", 64 << 20)
+    flush = torch.empty(2 * max(l2_bytes, 1 << 20), dtype=torch.uint8, device="cuda")
+    start = torch.cuda.Event(enable_timing=True)
+    stop = torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        body()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    while sum(times) < MIN_SECONDS * 1e3 and len(times) < MAX_CALLS:
+        flush.zero_()
+        start.record()
+        step()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sum(times) / len(times)
+
+
+def clipped_case(dtype):
+    torch.manual_seed(0)
+    logp = torch.rand(TOKENS, device="cuda") * -5.0
+    old = (logp + torch.randn(TOKENS, device="cuda") * 0.2).clamp_max(0.0).to(dtype)
+    logp = logp.to(dtype)
+    advantages = torch.randn(TOKENS, device="cuda").to(dtype)
+    mask = torch.rand(TOKENS, device="cuda") > 0.1
+    x = logp.detach().clone().requires_grad_()
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    nbytes = TOKENS * (4 * logp.element_size() + 1)
+
+    def steps(fn):
+        def step():
+            loss, metrics = fn(x, old, advantages, mask)
+            (grad,) = torch.autograd.grad(loss, x)
+            return grad, metrics
+
+        return step
+
+    return f"clipped/fwd_bwd/{name}/{TOKENS}", nbytes, clipped_loss, steps
+
+
+def logits_cases():
+    torch.manual_seed(0)
+    logits = torch.randn(LOGITS_TOKENS, VOCAB, device="cuda", dtype=torch.bfloat16).mul_(2)
+    labels = torch.randint(0, VOCAB, (LOGITS_TOKENS,), device="cuda")
+    labels.masked_fill_(torch.rand(LOGITS_TOKENS, device="cuda") < 0.1, IGNORE_INDEX)
+    x = logits.detach().requires_grad_()
+    pass_bytes = LOGITS_TOKENS * VOCAB * logits.element_size()
+    shape = f"bf16/{LOGITS_TOKENS}x{VOCAB}"
+
+    def forward_steps(fn):
+        def step():
+            with torch.no_grad():
+                return fn(logits, labels)
+
+        return step
+
+    def backward_steps(fn):
+        def step():
+            logp, entropy = fn(x, labels)
+            (grad,) = torch.autograd.grad(logp.sum() + entropy.sum(), x)
+            return grad
+
+        return step
+
+    return [
+        (f"logits/fwd/{shape}", pass_bytes, token_logprobs, forward_steps),
+        (f"logits/fwd_bwd/{shape}", 3 * pass_bytes, token_logprobs, backward_steps),
+    ]
+
+
+def read_psft(path):
+    """Fused ms per case from psft_bench_cuda's summary ("<case> api <MB> <fused_ms> ...")."""
+    fused = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[1] == "api":
+                try:
+                    fused[parts[0]] = float(parts[3])
+                except ValueError:
+                    pass
+    return fused
+
+
+def run_case(case, nbytes, fn, steps, psft_ms):
+    eager_ms = None
+    for impl in ("eager", "compile"):
+        try:
+            ms = time_ms(steps(fn if impl == "eager" else torch.compile(fn)))
+            result = f"{ms:10.4f} {nbytes / (ms * 1e-3) / 1e9:9.0f}"
+            if impl == "eager":
+                eager_ms = ms
+                result += f" {1.0:8.2f}x"
+            else:
+                result += f" {eager_ms / ms:8.2f}x" if eager_ms else f" {'-':>9}"
+            fused = psft_ms.get(case)
+            if fused:
+                result += f" {fused:13.4f} {ms / fused:12.2f}x"
+        except torch.cuda.OutOfMemoryError:
+            result = "out of memory"
+        except Exception as error:  # a failed compilation must not hide the other lines
+            result = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        print(f"{case:<34} {impl:<8} {result}", flush=True)
+        torch.cuda.empty_cache()
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--psft", metavar="FILE", help="psft_bench_cuda's output, for its fused times")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("compile_baseline: skipped: no CUDA device")
-        return
-    n = 1 << 20
-    compiled = torch.compile(clipped_loss)
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        logp = (torch.randn(n, device="cuda") * 0.3 - 1.0).to(dtype)
-        old = (logp.float() + torch.randn(n, device="cuda") * 0.3).to(dtype)
-        adv = torch.randn(n, device="cuda").to(dtype)
-        mask = torch.rand(n, device="cuda") > 0.1
-        nbytes = n * (3 * logp.element_size() + 1)
-        x = logp.detach().float().requires_grad_()
+        return 0
+    psft_ms = read_psft(args.psft) if args.psft else {}
 
-        def step():
-            x.grad = None
-            compiled(x, old.float(), adv.float(), mask).backward()
-
-        ms = median_ms(step)
-        label = f"policy_loss fwd+bwd torch.compile ({name})"
-        print(f"{label:<44} {ms:10.4f} {nbytes / (ms * 1e-3) / 1e9:12.1f}")
+    device = torch.cuda.get_device_name()
+    print(f"compile_baseline: torch {torch.__version__}, {device}; GPU time per call (CUDA events,")
+    print("L2 flushed before each call), mean over >= 0.1 s. vs_eager = eager ms / this ms;")
+    print("psft_speedup = this ms / psft's fused ms.")
+    header = f"{'case':<34} {'impl':<8} {'ms':>10} {'GB/s':>9} {'vs_eager':>9}"
+    if psft_ms:
+        header += f" {'psft_fused_ms':>13} {'psft_speedup':>13}"
+    print(header, flush=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        case, nbytes, fn, steps = clipped_case(dtype)
+        run_case(case, nbytes, fn, steps, psft_ms)
+    for case, nbytes, fn, steps in logits_cases():
+        run_case(case, nbytes, fn, steps, psft_ms)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

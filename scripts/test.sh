@@ -10,8 +10,11 @@
 #   sanitize  ASan + UBSan against the torch wheel, build/asan (preset "asan"):
 #             the tests except [large]
 #   cuda-build  PSFT_CUDA=ON against the torch wheel, build/cuda: builds only
-#             the CUDA test binary (nvcc, sm_80 and sm_90) and runs it, which
-#             skips without a GPU; the phase is skipped when nvcc is absent.
+#             the CUDA test and benchmark binaries (nvcc, sm_80 and sm_90)
+#             and runs them, which skip without a GPU; the phase is skipped
+#             when nvcc is absent. Catch2, Eigen and Google Benchmark come
+#             from a scripts/gpu-deps.sh prefix made into build/gpu-deps,
+#             which proves that prefix is complete for scripts/gpu-check.sh.
 #             (The kernels themselves also run on the CPU, emulated, in the
 #             main, compat and sanitize phases: psft_test_cuda_emulated.)
 #   docs      scripts/check-docs.sh: Doxygen API reference (docs/Doxyfile)
@@ -121,15 +124,32 @@ if [ "${PSFT_SKIP_CUDA:-0}" != 1 ]; then
   if [ -z "$nvcc_path" ]; then
     echo "test.sh: cuda-build skipped: no nvcc (set CUDACXX or put nvcc on PATH)"
   else
+    # The prefix scripts/gpu-check.sh gets on a GPU machine without these
+    # libraries. It comes first in CMAKE_PREFIX_PATH; -U drops packages an
+    # earlier configure found elsewhere, so that they are searched again.
+    deps="$PWD/build/gpu-deps"
+    ./scripts/gpu-deps.sh "$deps"
     # Only the CUDA targets: the rest is built and tested by the main phase.
     cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-      -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" -DCMAKE_CUDA_COMPILER="$nvcc_path" \
-      -DCMAKE_CUDA_ARCHITECTURES="80;90" -DPSFT_CUDA=ON -DPSFT_BUILD_TESTS=ON \
-      -DPSFT_BUILD_BENCHMARKS=OFF -DPSFT_BUILD_EXAMPLES=OFF -DPSFT_HEADER_CHECK=OFF \
-      -DPSFT_CONSUMER_TESTS=OFF -DPSFT_INSTALL=OFF
-    cmake --build build/cuda -j "$jobs" --target psft_test_cuda
-    # Without a GPU every test case prints "skipped: no CUDA device" and passes.
+      -DCMAKE_PREFIX_PATH="$deps;$PSFT_TORCH_PREFIX" -U Catch2_DIR -U Eigen3_DIR -U benchmark_DIR \
+      -DCMAKE_CUDA_COMPILER="$nvcc_path" -DCMAKE_CUDA_ARCHITECTURES="80;90" -DPSFT_CUDA=ON \
+      -DPSFT_BUILD_TESTS=ON -DPSFT_BUILD_BENCHMARKS=ON -DPSFT_BUILD_EXAMPLES=OFF \
+      -DPSFT_HEADER_CHECK=OFF -DPSFT_CONSUMER_TESTS=OFF -DPSFT_INSTALL=OFF
+    for package in Catch2 Eigen3 benchmark; do
+      package_dir=$(sed -n "s/^${package}_DIR:PATH=//p" build/cuda/CMakeCache.txt)
+      if [[ "$package_dir" != "$deps"/* ]]; then
+        echo "test.sh: $package found in '$package_dir', not in $deps: scripts/gpu-deps.sh misses it"
+        exit 1
+      fi
+    done
+    cmake --build build/cuda -j "$jobs" --target psft_test_cuda psft_bench_cuda
+    if ! ldd build/cuda/benchmarks/psft_bench_cuda | grep -F "$deps/" >/dev/null; then
+      echo "test.sh: psft_bench_cuda does not load libbenchmark from $deps"
+      exit 1
+    fi
+    # Without a GPU both print "skipped: no CUDA device" and exit 0.
     build/cuda/tests/psft_test_cuda
+    build/cuda/benchmarks/psft_bench_cuda
   fi
   end
 fi
