@@ -234,6 +234,7 @@ struct ClippedCase {
   psft::LossOptions options;
   double grad_output = 0.75;
   unsigned backward_blocks = 3;  ///< small, so that the grid-stride loop wraps
+  bool unaligned_grad = false;   ///< gradient one element past an aligned address
   std::uint64_t seed = 1;
 
   std::string name() const {
@@ -359,17 +360,19 @@ ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
   cuda_emulator::launch(kernels::finalize<acc_t>, 1, kernels::kThreads, order, f);
   out.loss = static_cast<double>(loss);
 
-  std::vector<out_t> grad(static_cast<std::size_t>(n));
-  for (auto& g : grad) g = kernels::to_output<out_t>(static_cast<acc_t>(kNaN));
+  const std::size_t skip = c.unaligned_grad ? 1 : 0;
+  std::vector<out_t> storage(static_cast<std::size_t>(n) + skip);
+  for (auto& g : storage) g = kernels::to_output<out_t>(static_cast<acc_t>(kNaN));
+  out_t* grad = storage.data() + skip;
   const double grad_output = c.grad_output;
   if (n > 0)
     cuda_emulator::launch(kernels::backward<out_t, acc_t>, c.backward_blocks, kernels::kThreads,
                           order, rows, cols, static_cast<const acc_t*>(coef.data()),
                           static_cast<const double*>(scale.data()), per_row,
-                          static_cast<const double*>(&grad_output), grad.data());
+                          static_cast<const double*>(&grad_output), grad);
   out.coef.assign(coef.begin(), coef.end());
-  out.grad.assign(grad.size(), 0.0);
-  for (std::size_t k = 0; k < grad.size(); ++k) out.grad[k] = as_double(grad[k]);
+  out.grad.assign(static_cast<std::size_t>(n), 0.0);
+  for (std::size_t k = 0; k < out.grad.size(); ++k) out.grad[k] = as_double(grad[k]);
   return out;
 }
 
@@ -890,6 +893,11 @@ TEST_CASE("cuda clipped kernels (emulated): results do not depend on block or th
       opts.seed = 3;
       CHECK(bit_identical(run_clipped(c, in, opts), first));
     }
+    // The backward's element-by-element path (an unaligned gradient) writes
+    // the same bits as its vector path.
+    ClippedCase unaligned = c;
+    unaligned.unaligned_grad = true;
+    CHECK(bit_identical(run_clipped(unaligned, in), first));
   }
 }
 

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
@@ -193,17 +194,38 @@ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
 
-/// Writes N values of T (a multiple of 16 bytes) to a 16-byte aligned
-/// address with 16-byte stores.
+/// How N values of T move in whole vector loads or stores: 16-byte pieces
+/// when their size is a multiple of 16 bytes, else 8-byte ones.
 template <class T, int N>
-__device__ inline void store16(T* dst, const T (&values)[N]) {
-  static_assert(sizeof(T) * N % 16 == 0, "whole 16-byte stores only");
+struct Pieces {
+  static_assert(sizeof(T) * N % 8 == 0, "whole 8-byte pieces only");
+  static constexpr int kBytes = sizeof(T) * N % 16 == 0 ? 16 : 8;
+  static constexpr int kCount = static_cast<int>(sizeof(T) * N / kBytes);
+  using Piece = typename std::conditional<kBytes == 16, uint4, uint2>::type;
+};
+
+/// Reads N values of T from an address aligned to Pieces<T, N>::kBytes.
+template <class T, int N>
+__device__ inline void load_aligned(const T* src, T (&values)[N]) {
+  using P = Pieces<T, N>;
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(values);
+#pragma unroll
+  for (int k = 0; k < P::kCount; ++k) {
+    const typename P::Piece piece = reinterpret_cast<const typename P::Piece*>(src)[k];
+    memcpy(bytes + P::kBytes * k, &piece, sizeof piece);
+  }
+}
+
+/// Writes N values of T to an address aligned to Pieces<T, N>::kBytes.
+template <class T, int N>
+__device__ inline void store_aligned(T* dst, const T (&values)[N]) {
+  using P = Pieces<T, N>;
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(values);
 #pragma unroll
-  for (int k = 0; k < static_cast<int>(sizeof(T) * N / 16); ++k) {
-    uint4 bits;
-    memcpy(&bits, bytes + 16 * k, sizeof bits);
-    reinterpret_cast<uint4*>(dst)[k] = bits;
+  for (int k = 0; k < P::kCount; ++k) {
+    typename P::Piece piece;
+    memcpy(&piece, bytes + P::kBytes * k, sizeof piece);
+    reinterpret_cast<typename P::Piece*>(dst)[k] = piece;
   }
 }
 
@@ -302,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) forward_units(const ForwardParams<ac
     if (a.coef) {
       acc_t* dst = a.coef + row * a.cols + col;
       if (n == kGroup && aligned16(dst)) {
-        store16(dst, coef_out);
+        store_aligned(dst, coef_out);
       } else {
 #pragma unroll
         for (int i = 0; i < kGroup; ++i)
@@ -468,7 +490,10 @@ __device__ inline out_t to_output(double v) {
 constexpr int kBackwardVector = 4;
 
 /// grad[i] = coef[i] * (scale[row or 0] * grad_output), as the CPU kernel:
-/// the factor is formed in double and rounded once to acc_t.
+/// the factor is formed in double and rounded once to acc_t. Each thread
+/// takes kBackwardVector consecutive elements, read and written with vector
+/// loads and stores (coef and grad are fresh, aligned allocations; the
+/// kernel checks) except at the end of the tensor.
 template <class out_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
     backward(std::int64_t rows, std::int64_t cols, const acc_t* __restrict__ coef,
@@ -476,11 +501,29 @@ __global__ void __launch_bounds__(kThreads)
              const double* __restrict__ grad_output, out_t* __restrict__ grad) {
   const std::int64_t n = rows * cols;
   const double go = *grad_output;
+  const bool aligned = aligned16(coef) && aligned16(grad);
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x * kBackwardVector;
   for (std::int64_t base =
            (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kBackwardVector;
        base < n; base += stride) {
+    if (aligned && base + kBackwardVector <= n) {
+      acc_t c[kBackwardVector];
+      load_aligned(coef + base, c);
+      out_t g[kBackwardVector];
+      std::int64_t row = scale_per_row ? base / cols : 0;
+      std::int64_t col = base - row * cols;
 #pragma unroll
+      for (int k = 0; k < kBackwardVector; ++k) {
+        const double s = scale[row] * go;
+        g[k] = to_output<out_t>(static_cast<acc_t>(c[k] * static_cast<acc_t>(s)));
+        if (scale_per_row && ++col == cols) {
+          col = 0;
+          ++row;
+        }
+      }
+      store_aligned(grad + base, g);
+      continue;
+    }
     for (int k = 0; k < kBackwardVector; ++k) {
       const std::int64_t i = base + k;
       if (i >= n) break;

@@ -115,7 +115,7 @@ template <class out_t>
 __device__ inline void store_group(out_t* row, std::int64_t col, int n, bool aligned,
                                    const out_t (&values)[kLogitsVector<out_t>]) {
   if (aligned && n == kLogitsVector<out_t>) {
-    store16(row + col, values);
+    store_aligned(row + col, values);
   } else {
 #pragma unroll
     for (int k = 0; k < kLogitsVector<out_t>; ++k)
