@@ -206,15 +206,6 @@ struct View {
   }
 };
 
-/// A gradient element of any output dtype, exactly.
-template <class T>
-double as_double(const T& v) {
-  if constexpr (std::is_same<T, double>::value || std::is_same<T, float>::value)
-    return static_cast<double>(v);
-  else
-    return static_cast<double>(static_cast<float>(v));
-}
-
 double rel_diff(double got, double want) {
   if (std::isnan(got) || std::isnan(want)) return std::isnan(got) && std::isnan(want) ? 0 : kInf;
   if (got == want) return 0;  // equal infinities
@@ -372,7 +363,8 @@ ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
                           static_cast<const double*>(&grad_output), grad);
   out.coef.assign(coef.begin(), coef.end());
   out.grad.assign(static_cast<std::size_t>(n), 0.0);
-  for (std::size_t k = 0; k < out.grad.size(); ++k) out.grad[k] = as_double(grad[k]);
+  for (std::size_t k = 0; k < out.grad.size(); ++k)
+    out.grad[k] = kernels::logit_value<double>(grad[k]);
   return out;
 }
 
@@ -620,7 +612,7 @@ LogitsOutputs run_logits(const LogitsCase& c, const LogitsData& d,
     cuda_emulator::launch(kernels::logits_backward<out_t, acc_t>, static_cast<unsigned>(rows),
                           kernels::kLogitsThreads, order, b);
   out.grad.resize(n);
-  for (std::size_t k = 0; k < n; ++k) out.grad[k] = as_double(grad[k]);
+  for (std::size_t k = 0; k < n; ++k) out.grad[k] = kernels::logit_value<double>(grad[k]);
   return out;
 }
 

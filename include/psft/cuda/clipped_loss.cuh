@@ -229,6 +229,19 @@ __device__ inline void store_aligned(T* dst, const T (&values)[N]) {
   }
 }
 
+/// Writes values[0..n) to dst: with vector stores when the group is full and
+/// dst is 16-byte aligned, else one element at a time.
+template <class T, int N>
+__device__ inline void store_group(T* dst, int n, bool aligned, const T (&values)[N]) {
+  if (aligned && n == N) {
+    store_aligned(dst, values);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (k < n) dst[k] = values[k];
+  }
+}
+
 /// Flags of bad unmasked values (bits of Partial::flags).
 enum : unsigned int { kBadOld = 1u, kBadAdvantage = 2u, kBadMask = 4u };
 
@@ -323,13 +336,7 @@ __global__ void __launch_bounds__(kThreads) forward_units(const ForwardParams<ac
     }
     if (a.coef) {
       acc_t* dst = a.coef + row * a.cols + col;
-      if (n == kGroup && aligned16(dst)) {
-        store_aligned(dst, coef_out);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i)
-          if (i < n) dst[i] = coef_out[i];
-      }
+      store_group(dst, n, aligned16(dst), coef_out);
     }
   }
   Partial* shared = storage.get();

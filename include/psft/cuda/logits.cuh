@@ -110,19 +110,6 @@ __device__ inline int load_logits(const in_t* row, std::int64_t col, std::int64_
   return n;
 }
 
-/// Writes values[0..n) at `col` of a gradient row.
-template <class out_t>
-__device__ inline void store_group(out_t* row, std::int64_t col, int n, bool aligned,
-                                   const out_t (&values)[kLogitsVector<out_t>]) {
-  if (aligned && n == kLogitsVector<out_t>) {
-    store_aligned(row + col, values);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kLogitsVector<out_t>; ++k)
-      if (k < n) row[col + k] = values[k];
-  }
-}
-
 template <class acc_t>
 struct alignas(core::OnlineSoftmax<acc_t>) SoftmaxStorage {
   unsigned char bytes[sizeof(core::OnlineSoftmax<acc_t>) * kLogitsThreads];
@@ -222,7 +209,7 @@ __global__ void __launch_bounds__(kLogitsThreads)
     for (int k = 0; k < kVector; ++k) zeros[k] = to_output<out_t>(acc_t(0));
     for (std::int64_t col = first; col < l.vocab; col += step) {
       const int n = static_cast<int>(l.vocab - col < kVector ? l.vocab - col : kVector);
-      store_group(out, col, n, aligned, zeros);
+      store_group(out + col, n, aligned, zeros);
     }
     return;
   }
@@ -240,7 +227,7 @@ __global__ void __launch_bounds__(kLogitsThreads)
             p.inv_temperature *
             core::token_logprob_grad(z[k] - m, col + k == label, log_sum, mean, g, h));
     }
-    store_group(out, col, n, aligned, values);
+    store_group(out + col, n, aligned, values);
   }
 }
 
