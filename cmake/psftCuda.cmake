@@ -40,8 +40,10 @@ function(psft_cuda_source out_var)
 endfunction()
 
 # Note [CUDA architectures]: find_package(Torch) enables CUDA, which caches
-# nvcc's default architecture unless one was chosen, and then sets the plain
-# variable CMAKE_CUDA_ARCHITECTURES to OFF. A target created afterwards gets
+# nvcc's default architecture unless one was chosen (not where psft finds
+# Torch: Note [A quiet find_package(Torch)] in psftTorch.cmake), and then
+# sets the plain variable CMAKE_CUDA_ARCHITECTURES to OFF (psft does it
+# there, in Torch's place). A target created afterwards gets
 # CUDA_ARCHITECTURES OFF: nvcc sees no -gencode and builds for its default
 # (sm_75 for nvcc 13, PTX that an H100 JIT-compiles). So psft always sets the
 # property, from the first of: ARCHITECTURES; a plain variable that is not

@@ -5,14 +5,20 @@
 # The file is a configure dependency: editing the guide re-runs CMake, which
 # regenerates the unit (rewritten only when its content changes).
 #
-#   psft_add_doc_snippets(<target> <markdown file> [LABELS <labels...>])
+#   psft_add_doc_snippets(<target> <markdown file> [LABELS <labels...>]
+#                         [LINK <libraries...>])
 #
-# adds executable <target> and a ctest entry of the same name. #line
-# directives point compiler errors at the guide's own lines.
+# adds executable <target> and a ctest entry of the same name, linked with
+# LINK (default psft::psft; psft_torch_free for a guide that must build
+# without LibTorch). #line directives point compiler errors at the guide's
+# own lines.
 include_guard(GLOBAL)
 
 function(psft_add_doc_snippets target markdown)
-  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "LABELS")
+  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "LABELS;LINK")
+  if(NOT arg_LINK)
+    set(arg_LINK psft::psft)
+  endif()
   set_property(
     DIRECTORY
     APPEND
@@ -64,7 +70,7 @@ function(psft_add_doc_snippets target markdown)
     file(WRITE "${generated}" "${source}")
   endif()
   add_executable(${target} "${generated}")
-  target_link_libraries(${target} PRIVATE psft::psft)
+  target_link_libraries(${target} PRIVATE ${arg_LINK})
   psft_target_warnings(${target})
   psft_target_sanitize(${target})
   add_test(NAME ${target} COMMAND ${target})

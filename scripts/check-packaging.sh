@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Checks psft's packages for vcpkg and Conan, offline.
+# Checks psft's plain CMake install and its packages for vcpkg and Conan,
+# offline.
 #
+#   plain  The README's first hour: a plain configure of psft prints no
+#          CMake warning and names the LibTorch it found; on a machine
+#          without Catch2 and Google Benchmark (simulated with
+#          CMAKE_DISABLE_FIND_PACKAGE_<package>) the configure leaves the
+#          tests and benchmarks out with a message instead of failing,
+#          `cmake --install` works without a build, and
+#          tests/consumers/find_package builds against that prefix
+#          (configured without warnings too) and runs.
 #   vcpkg  The vcpkg tool itself is not run (it downloads its own tools).
 #          Instead psft is configured with exactly the OPTIONS that
 #          ports/psft/portfile.cmake passes to vcpkg_cmake_configure (read
@@ -19,7 +28,7 @@
 #   PSFT_TORCH_PREFIX  the LibTorch root (default: the torch wheel's package
 #                      directory in the tools virtual environment)
 #   PSFT_VENV          as for scripts/setup.sh
-#   PSFT_SKIP_VCPKG=1, PSFT_SKIP_CONAN=1  leave out one of the two
+#   PSFT_SKIP_PLAIN=1, PSFT_SKIP_VCPKG=1, PSFT_SKIP_CONAN=1  leave out a part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -30,6 +39,49 @@ torch_version=$(sed -n 's/^set(PACKAGE_VERSION "\([0-9.]*\)").*/\1/p' \
   "$PSFT_TORCH_PREFIX/share/cmake/Torch/TorchConfigVersion.cmake")
 out="$root/build/packaging"
 mkdir -p "$out"
+
+# Fails if the CMake output in file $1 (what $2 configured) has a warning.
+no_cmake_warnings() {
+  if grep -q "CMake Warning" "$1"; then
+    echo "check-packaging: configuring $2 printed CMake warnings ($1):" >&2
+    grep -A 12 "CMake Warning" "$1" >&2
+    exit 1
+  fi
+}
+
+if [ "${PSFT_SKIP_PLAIN:-0}" != 1 ]; then
+  echo "--- check-packaging: plain configure and install (LibTorch $torch_version)"
+  # Fresh build trees: some warnings (CUDA architectures) come only from a
+  # first configure.
+  rm -rf "$out/plain-build"
+  cmake -S . -B "$out/plain-build" -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" \
+    >"$out/plain-configure.log" 2>&1 || { cat "$out/plain-configure.log"; exit 1; }
+  no_cmake_warnings "$out/plain-configure.log" "psft"
+  grep "^-- psft: using LibTorch $torch_version from " "$out/plain-configure.log" ||
+    { echo "check-packaging: the configure did not say which LibTorch it found" >&2; exit 1; }
+
+  # The README's install on a machine without the test dependencies.
+  build="$out/no-test-deps-build"
+  prefix="$out/no-test-deps-prefix"
+  rm -rf "$build" "$prefix" "$out/no-test-deps-consumer"
+  cmake -S . -B "$build" -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" \
+    -DCMAKE_DISABLE_FIND_PACKAGE_Catch2=ON -DCMAKE_DISABLE_FIND_PACKAGE_benchmark=ON \
+    >"$out/no-test-deps-configure.log" 2>&1 || { cat "$out/no-test-deps-configure.log"; exit 1; }
+  no_cmake_warnings "$out/no-test-deps-configure.log" "psft without Catch2 and Google Benchmark"
+  for part in "tests skipped: package Catch2" "benchmarks skipped: package benchmark"; do
+    grep "^-- psft: $part" "$out/no-test-deps-configure.log" ||
+      { echo "check-packaging: no message \"psft: $part ...\" in the configure output" >&2; exit 1; }
+  done
+  cmake --install "$build" --prefix "$prefix" >/dev/null
+  cmake -S tests/consumers/find_package -B "$out/no-test-deps-consumer" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix;$PSFT_TORCH_PREFIX" \
+    >"$out/no-test-deps-consumer-configure.log" 2>&1 ||
+    { cat "$out/no-test-deps-consumer-configure.log"; exit 1; }
+  no_cmake_warnings "$out/no-test-deps-consumer-configure.log" "the find_package consumer"
+  cmake --build "$out/no-test-deps-consumer"
+  "$out/no-test-deps-consumer/psft_consumer" | tee "$out/no-test-deps-consumer.log"
+  grep -qx ok "$out/no-test-deps-consumer.log"
+fi
 
 if [ "${PSFT_SKIP_VCPKG:-0}" != 1 ]; then
   echo "--- check-packaging: vcpkg port (staged, LibTorch $torch_version)"

@@ -967,6 +967,7 @@ TEST_CASE("cuda clipped kernels (emulated): bad values and small normalisers are
   in.mask.set(1, 3, 0.0);
   in.old_logp.set(1, 3, kNaN);
   in.advantages.set(1, 3, kInf);
+  in.logp.set(1, 3, kNaN);
   CHECK(run_clipped(c, in).status[kernels::kStatusFlags] == 0);
 
   ClippedInputs bad = make_inputs(c);
@@ -979,6 +980,9 @@ TEST_CASE("cuda clipped kernels (emulated): bad values and small normalisers are
   bad.mask.set(0, 7, -0.5);
   CHECK(run_clipped(c, bad).status[kernels::kStatusFlags] ==
         (kernels::kBadOld | kernels::kBadAdvantage | kernels::kBadMask));
+  bad.logp.set(0, 1, kNaN);
+  CHECK(run_clipped(c, bad).status[kernels::kStatusFlags] ==
+        (kernels::kBadOld | kernels::kBadAdvantage | kernels::kBadMask | kernels::kBadLogp));
   c.options.check_finite = false;
   CHECK(run_clipped(c, bad).status[kernels::kStatusFlags] == 0);
 

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -909,6 +910,185 @@ TEST_CASE("EntropyTracker flags a fractional drop within its window", "[logits][
   CHECK_THROWS_WITH(tracker.record(13, std::nan("")), Catch::Contains("finite"));
   CHECK_THROWS_WITH(psft::EntropyTracker(0, 0.5), Catch::Contains("window"));
   CHECK_THROWS_WITH(psft::EntropyTracker(5, 1.5), Catch::Contains("max_drop"));
+}
+
+TEST_CASE("entropy_metrics and masked_entropy_mean: integer 0/1 masks count as bool",
+          "[logits][entropy][mask]") {
+  const at::Tensor entropy = torch::tensor({{1.0, 2.0, 3.0}, {4.0, 0.5, 0.25}}, at::kFloat);
+  const at::Tensor as_bool = torch::tensor({{true, true, false}, {true, false, false}});
+  const psft::EntropyMetrics want = psft::entropy_metrics(entropy, as_bool);
+  const double want_mean = scalar(psft::masked_entropy_mean(entropy, as_bool));
+  CHECK(want_mean == Approx(7.0 / 3.0));
+  // Hugging Face's attention_mask is int64 0/1; int32 and uint8 are the same rule.
+  for (const auto dtype : {at::kLong, at::kInt, at::kByte}) {
+    INFO("mask dtype " << dtype);
+    const at::Tensor mask = as_bool.to(dtype);
+    const psft::EntropyMetrics m = psft::entropy_metrics(entropy, mask);
+    CHECK(scalar(m.mean) == scalar(want.mean));
+    CHECK(scalar(m.sum) == scalar(want.sum));
+    CHECK(scalar(m.count) == 3.0);
+    CHECK(to_vec(m.per_sequence) == to_vec(want.per_sequence));
+    CHECK(scalar(psft::masked_entropy_mean(entropy, mask)) == want_mean);
+  }
+  // Any other integer is a bug (token ids, a count), not a weight.
+  const at::Tensor twos = torch::tensor({{1, 2, 0}, {1, 0, 0}}, at::kLong);
+  CHECK_THROWS_WITH(psft::entropy_metrics(entropy, twos),
+                    Catch::Contains("mask") && Catch::Contains("0 or 1"));
+  CHECK_THROWS_WITH(psft::masked_entropy_mean(entropy, twos),
+                    Catch::Contains("mask") && Catch::Contains("0 or 1"));
+  CHECK_THROWS_WITH(psft::entropy_metrics(entropy, -as_bool.to(at::kInt)), Catch::Contains("mask"));
+}
+
+TEST_CASE("entropy_metrics and masked_entropy_mean refuse negative, NaN and Inf mask weights",
+          "[logits][entropy][mask]") {
+  const at::Tensor entropy = torch::tensor({{1.0, 2.0}, {3.0, 4.0}}, at::kDouble);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (const double bad : {-1.0, -1e-30, nan, kInf, -kInf}) {
+    INFO("weight " << bad);
+    for (const auto dtype : {at::kDouble, at::kFloat}) {
+      const at::Tensor mask = torch::tensor({{1.0, 0.5}, {bad, 0.0}}, at::kDouble).to(dtype);
+      // Before the fix: a NaN mean and a negative or NaN count.
+      CHECK_THROWS_WITH(psft::entropy_metrics(entropy, mask),
+                        Catch::Contains("mask has a negative, NaN or Inf weight"));
+      CHECK_THROWS_WITH(psft::masked_entropy_mean(entropy.to(dtype), mask),
+                        Catch::Contains("mask has a negative, NaN or Inf weight"));
+    }
+  }
+  // A float64 weight that overflows a float32 entropy's dtype is an Inf weight there.
+  const at::Tensor huge = torch::tensor({{1e300, 1.0}, {1.0, 1.0}}, at::kDouble);
+  CHECK_THROWS_WITH(psft::masked_entropy_mean(entropy.to(at::kFloat), huge),
+                    Catch::Contains("mask has a negative, NaN or Inf weight"));
+  // Zero and positive weights, and an empty batch, are fine.
+  const at::Tensor weights = torch::tensor({{2.0, 0.0}, {1.0, 0.0}}, at::kDouble);
+  CHECK(scalar(psft::entropy_metrics(entropy, weights).mean) == Approx(5.0 / 3.0));
+  CHECK(scalar(psft::masked_entropy_mean(entropy, weights)) == Approx(5.0 / 3.0));
+  CHECK(scalar(psft::entropy_metrics(at::zeros({0, 3}), at::zeros({0, 3})).count) == 0.0);
+}
+
+namespace {
+
+// Per-step (token entropy, NLL of the demonstrated token) of a synthetic
+// run: a smooth decay to about 0.01 over 1,584 steps (the run of the issue)
+// with log-normal per-step noise, mostly shared by the two (a batch of
+// harder tokens raises both) and partly independent. The noise comes from
+// std::mt19937 through an explicit Box-Muller transform, so that it is the
+// same with every standard library (the std distributions are not).
+struct EntropySeries {
+  Vec entropy, nll;
+};
+
+EntropySeries determined_task_series(std::uint32_t seed, std::int64_t steps = 1584) {
+  std::mt19937 rng(seed);
+  const auto gauss = [&] {
+    const double u1 = (static_cast<double>(rng()) + 0.5) / 4294967296.0;
+    const double u2 = (static_cast<double>(rng()) + 0.5) / 4294967296.0;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  };
+  EntropySeries s;
+  for (std::int64_t t = 0; t < steps; ++t) {
+    const double decay = std::exp(-static_cast<double>(t) / 250.0);
+    const double shared = 0.15 * gauss(), own_h = 0.05 * gauss(), own_nll = 0.05 * gauss();
+    s.entropy.push_back((0.01 + 2.0 * decay) * std::exp(shared + own_h));
+    s.nll.push_back((0.01 + 1.5 * decay) * std::exp(shared + own_nll));
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("EntropyTracker with the NLL: convergence on determined answers is no collapse",
+          "[logits][entropy]") {
+  for (const std::uint32_t seed : {1u, 2u, 3u}) {
+    INFO("seed " << seed);
+    const EntropySeries s = determined_task_series(seed);
+    REQUIRE(s.entropy.back() < 0.02);
+    REQUIRE(s.nll.back() < 0.02);
+    psft::EntropyTracker entropy_only(/*window=*/50, /*max_drop=*/0.5);
+    psft::EntropyTracker with_nll(/*window=*/50, /*max_drop=*/0.5);
+    std::int64_t flagged_without = 0, flagged_with = 0;
+    for (std::size_t t = 0; t < s.entropy.size(); ++t) {
+      const auto step = static_cast<std::int64_t>(t);
+      flagged_without += entropy_only.record(step, s.entropy[t]);
+      flagged_with += with_nll.record(step, s.entropy[t], s.nll[t]);
+    }
+    // Entropy alone reads the noise of a small entropy as collapses (about
+    // 8% of the steps, as in the issue's 132 of 1,584); with the NLL the
+    // drops are seen to be matched by the NLL's.
+    CHECK(flagged_without > 50);
+    CHECK(flagged_with == 0);
+    CHECK_FALSE(with_nll.first_collapse_step().has_value());
+    CHECK(with_nll.nlls().size() == s.nll.size());
+    CHECK(entropy_only.nlls().empty());
+  }
+}
+
+TEST_CASE("EntropyTracker with the NLL: a collapse is flagged at its step", "[logits][entropy]") {
+  // The same run until step 999; then the entropy falls to 0.7, 0.4 and 0.2
+  // of its value in three steps and stays there, while the NLL stays flat
+  // and then rises: the model grew confident in what the data do not say.
+  EntropySeries s = determined_task_series(1, 1100);
+  const double entropy_scale[] = {0.7, 0.4, 0.2};
+  const double nll_scale[] = {1.0, 1.05, 1.1};
+  for (std::size_t t = 1000; t < s.entropy.size(); ++t) {
+    const std::size_t k = std::min<std::size_t>(t - 1000, 2);
+    s.entropy[t] *= entropy_scale[k];
+    s.nll[t] *= nll_scale[k];
+  }
+  psft::EntropyTracker tracker(/*window=*/50, /*max_drop=*/0.5);
+  std::vector<std::int64_t> flagged;
+  for (std::size_t t = 0; t < s.entropy.size(); ++t) {
+    const auto step = static_cast<std::int64_t>(t);
+    if (tracker.record(step, s.entropy[t], s.nll[t])) flagged.push_back(step);
+    if (step == 1000) {
+      // 30% down against a flat NLL: not yet a halving relative to it.
+      CHECK_FALSE(tracker.collapsed());
+      CHECK(tracker.drop_relative_to_nll() < 0.5);
+    }
+    if (step == 1001) {
+      CHECK(tracker.collapsed());
+      CHECK(tracker.drop() >= 0.5);
+      CHECK(tracker.drop_relative_to_nll() >= 0.5);
+    }
+  }
+  REQUIRE(tracker.first_collapse_step().has_value());
+  CHECK(*tracker.first_collapse_step() == 1001);
+  REQUIRE_FALSE(flagged.empty());
+  CHECK(flagged.front() == 1001);
+  // Transient: once the window holds only collapsed steps there is no drop left to see.
+  CHECK(flagged.back() < 1001 + 50);
+  CHECK_FALSE(tracker.collapsed());
+}
+
+TEST_CASE("EntropyTracker with the NLL: zero NLLs, tensors and bad input", "[logits][entropy]") {
+  psft::EntropyTracker tracker(/*window=*/5, /*max_drop=*/0.5);
+  CHECK_FALSE(tracker.record(0, 2.0, 2.0));
+  // The entropy halves while the NLL does not move: a collapse.
+  CHECK(tracker.record(1, 0.8, torch::tensor(2.0).item<double>()));
+  CHECK(tracker.drop() == Approx(0.6));
+  CHECK(tracker.drop_relative_to_nll() == Approx(0.6));  // ratio 0.4 against step 0's 1.0
+  // Both fall by the same factor: the model learnt, no collapse.
+  psft::EntropyTracker learnt(5, 0.5);
+  CHECK_FALSE(learnt.record(0, 2.0, 1.0));
+  CHECK_FALSE(learnt.record(1, 0.5, 0.25));
+  CHECK(learnt.drop() == Approx(0.75));
+  CHECK(learnt.drop_relative_to_nll() == 0.0);
+  // An NLL of 0 (every demonstrated token certain) is never a collapse.
+  CHECK_FALSE(learnt.record(2, 0.0, 0.0));
+  CHECK_FALSE(learnt.record(3, 0.0, 0.0));
+  CHECK(learnt.drop_relative_to_nll() == 0.0);
+  // One-element tensors.
+  psft::EntropyTracker tensors(5, 0.5);
+  CHECK_FALSE(tensors.record(0, torch::tensor(1.0), torch::tensor(1.0f)));
+  CHECK(tensors.record(1, torch::tensor(0.1), torch::tensor(1.2, at::kDouble)));
+  CHECK(tensors.nlls() == Vec{1.0, 1.2});
+  CHECK_THROWS_WITH(tensors.record(2, torch::tensor(0.1), at::Tensor()), Catch::Contains("nll"));
+  // Every step with an NLL or none.
+  CHECK_THROWS_WITH(tensors.record(3, 0.1), Catch::Contains("nll"));
+  CHECK_THROWS_WITH(tracker.record(4, 0.5, -1.0), Catch::Contains("nll"));
+  CHECK_THROWS_WITH(tracker.record(4, 0.5, std::nan("")), Catch::Contains("nll"));
+  psft::EntropyTracker plain(5, 0.5);
+  plain.record(0, 1.0);
+  CHECK_THROWS_WITH(plain.record(1, 1.0, 1.0), Catch::Contains("nll"));
 }
 
 // ---------------------------------------------------------------------------

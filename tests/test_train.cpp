@@ -18,12 +18,15 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "psft/psft.hpp"
@@ -69,6 +72,29 @@ psft::TokenLogprobs score(TinyLM& net, const psft::TokenBatch& batch) {
   return psft::token_logprobs(net->forward(batch.input_ids), batch.labels);
 }
 
+// A module that is not a torch::nn::Cloneable: OldPolicy can only Recompute
+// with it (psft::recompute_only).
+struct PlainLMImpl : torch::nn::Module {
+  PlainLMImpl() {
+    embedding = register_module("embedding", torch::nn::Embedding(kVocab, kDim));
+    head = register_module("head", torch::nn::Linear(kDim, kVocab));
+  }
+  Tensor forward(const Tensor& ids) { return head(torch::tanh(embedding(ids))); }
+  torch::nn::Embedding embedding{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(PlainLM);
+
+psft::TokenLogprobs score_plain(PlainLM& net, const psft::TokenBatch& batch) {
+  return psft::token_logprobs(net->forward(batch.input_ids), batch.labels);
+}
+
+// The no-grad passes OldPolicy ran on a TinyLM: they run in eval mode, the
+// training forwards in train mode.
+std::ptrdiff_t no_grad_passes(const TinyLM& net) {
+  return std::count(net->observed.begin(), net->observed.end(), false);
+}
+
 // Deterministic data: global batch g, mini-batch i, 3 sequences each;
 // prompt positions (the first two) are ignore_index.
 psft::TokenBatch make_batch(std::uint32_t seed, std::int64_t rows = 3) {
@@ -109,7 +135,9 @@ struct Run {
     old = std::make_unique<psft::OldPolicy<TinyLM>>(net, options, score);
   }
 
-  // One optimizer step; returns the loss and the ratio range.
+  // One optimizer step; returns the loss and the ratio range (1 in the SFT
+  // warm-up). A global batch begins at its mini-batch 0 only: a run resumed
+  // inside one continues with the cache that load() restored.
   struct StepResult {
     float loss;
     double ratio_min, ratio_max, clip_frac;
@@ -118,19 +146,34 @@ struct Run {
     const std::int64_t g = position / kMiniBatches;
     const std::int64_t i = position % kMiniBatches;
     const auto batches = make_global_batch(g, kMiniBatches);
-    if (i == 0) old->begin_global_batch(batches);
+    if (i == 0) {
+      if (warmup && skip_warmup_passes) {
+        old->begin_global_batch(batches, *warmup);
+      } else {
+        old->begin_global_batch(batches);
+      }
+    }
     const psft::TokenBatch& mb = batches[static_cast<std::size_t>(i)];
     const psft::TokenLogprobs now = score(net, mb);
-    const Tensor old_logp = old->old_logp(i, mb, now.logp);
-    const psft::LossResult r = psft::psft_loss(now.logp, old_logp, mb.labels != -100);
+    StepResult out{0.0f, 1.0, 1.0, 0.0};
+    Tensor loss;
+    if (warmup && warmup->in_warmup(position)) {
+      loss = psft::sft_loss(now.logp, mb.labels != -100).loss;
+    } else {
+      const Tensor old_logp = old->old_logp(i, mb, now.logp);
+      const psft::LossResult r = psft::psft_loss(now.logp, old_logp, mb.labels != -100);
+      loss = r.loss;
+      out = {0.0f, r.metrics.ratio_min.item<double>(), r.metrics.ratio_max.item<double>(),
+             r.metrics.clip_frac_high.item<double>()};
+    }
     optimizer->zero_grad();
-    r.loss.backward();
+    loss.backward();
     torch::nn::utils::clip_grad_norm_(net->parameters(), 1.0);
     optimizer->step();
     old->after_optimizer_step();
     ++position;
-    return {r.loss.item<float>(), r.metrics.ratio_min.item<double>(),
-            r.metrics.ratio_max.item<double>(), r.metrics.clip_frac_high.item<double>()};
+    out.loss = loss.item<float>();
+    return out;
   }
 
   void save(const std::string& path) const {
@@ -167,6 +210,10 @@ struct Run {
   std::unique_ptr<torch::optim::AdamW> optimizer;
   std::unique_ptr<psft::OldPolicy<TinyLM>> old;
   std::int64_t position = 0;
+  // An SFT warm-up (plain SFT loss at its steps), and whether
+  // begin_global_batch is given it (so it skips the warm-up's passes).
+  std::optional<psft::SftWarmupSchedule> warmup;
+  bool skip_warmup_passes = false;
 };
 
 psft::OldPolicyOptions options_for(psft::OldPolicyStrategy strategy) {
@@ -313,6 +360,73 @@ TEST_CASE("Recompute: a single mini-batch per global batch warns once", "[train]
   CHECK(quiet.messages.empty());
 }
 
+TEST_CASE("Recompute: old() refuses a batch whose labels' shape is not the cached one's",
+          "[train][old_policy][errors]") {
+  Run run(psft::OldPolicyOptions{});
+  const std::vector<psft::TokenBatch> batches = {make_batch(1, 3), make_batch(2, 3),
+                                                 make_batch(3, 2)};
+  run.old->begin_global_batch(batches);
+  const std::string error = error_of([&] { run.old->old_logp(2, batches[1]); });
+  CHECK_THAT(error, Catch::Contains("batch (mini-batch 2)") && Catch::Contains("[3, 6]") &&
+                        Catch::Contains("[2, 6]"));
+  CHECK_THAT(error_of([&] { run.old->old_logp(1, batches[2]); }),
+             Catch::Contains("batch (mini-batch 1)"));
+  CHECK_NOTHROW(run.old->old_logp(1, batches[1]));
+  CHECK_NOTHROW(run.old->old_logp(2, batches[2]));
+  // After a checkpoint the restored cache is checked the same way.
+  const std::string path = "psft_test_train_batch_check.pt";
+  torch::save(*run.old, path);
+  Run resumed(psft::OldPolicyOptions{});
+  torch::load(*resumed.old, path);
+  std::remove(path.c_str());
+  CHECK_THAT(error_of([&] { resumed.old->old_logp(2, batches[0]); }),
+             Catch::Contains("batch (mini-batch 2)"));
+  CHECK(bitwise_equal(resumed.old->old_logp(2, batches[2]), run.old->old_logp(2, batches[2])));
+}
+
+TEST_CASE("Recompute: begin_global_batch with an SFT warm-up runs no pass for warm-up steps",
+          "[train][old_policy][warmup]") {
+  // 4 mini-batches per global batch and 6 warm-up steps: global batch 0 is
+  // all SFT; global batch 1 has SFT steps 4, 5 and PSFT steps 6, 7, whose
+  // old log-probs come from the weights global batch 1 starts from; global
+  // batch 2 is all PSFT.
+  for (const bool reuse : {true, false}) {
+    DYNAMIC_SECTION("reuse_first_forward " << reuse) {
+      psft::OldPolicyOptions o;
+      o.reuse_first_forward = reuse;
+      Run skipping(o), computing(o);
+      skipping.warmup = computing.warmup = psft::SftWarmupSchedule{6};
+      skipping.skip_warmup_passes = true;
+      std::vector<std::ptrdiff_t> passes;  // after each global batch
+      for (std::int64_t s = 0; s < 3 * Run::kMiniBatches; ++s) {
+        const Run::StepResult x = skipping.step();
+        const Run::StepResult y = computing.step();
+        INFO("step " << s);
+        // The skipped passes were never used: the run is the same.
+        CHECK(x.loss == y.loss);
+        CHECK(x.ratio_max == y.ratio_max);
+        if (s == 4) {  // inside global batch 1
+          CHECK_FALSE(skipping.old->needs_old(0));
+          CHECK_FALSE(skipping.old->needs_old(1));
+          CHECK(skipping.old->needs_old(2));
+          CHECK(skipping.old->needs_old(3));
+          const auto batches = make_global_batch(1, Run::kMiniBatches);
+          CHECK_THAT(error_of([&] { skipping.old->old_logp(1, batches[1]); }),
+                     Catch::Contains("SFT warm-up") && Catch::Contains("step 5"));
+          CHECK(computing.old->needs_old(1));
+        }
+        if (s % Run::kMiniBatches == Run::kMiniBatches - 1)
+          passes.push_back(no_grad_passes(skipping.net));
+      }
+      // Mini-batch 0 of global batch 2 reuses its training forward.
+      CHECK(passes == std::vector<std::ptrdiff_t>{0, 2, reuse ? 5 : 6});
+      CHECK(no_grad_passes(computing.net) == (reuse ? 9 : 12));
+      CHECK(skipping.old->steps() == 12);
+      CHECK(skipping.old->global_batches() == 3);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // OldPolicy: Snapshot and Ema
 
@@ -437,6 +551,51 @@ TEST_CASE("OldPolicy: a resumed run reproduces the uninterrupted one bit for bit
   }
 }
 
+TEST_CASE("OldPolicy: a run resumed inside the warm-up's last global batch reproduces it",
+          "[train][old_policy][resume][warmup]") {
+  // Warm-up steps 0..5 with the passes skipped: stop 2 is inside the all-SFT
+  // global batch 0, stop 5 inside global batch 1 before its last SFT step,
+  // stop 6 just before its first PSFT step.
+  constexpr std::int64_t kTotal = 12;
+  const auto make = [](std::uint64_t seed) {
+    Run run(psft::OldPolicyOptions{}, seed);
+    run.warmup = psft::SftWarmupSchedule{6};
+    run.skip_warmup_passes = true;
+    return run;
+  };
+  std::vector<Run::StepResult> straight;
+  Run reference = make(0);
+  for (std::int64_t s = 0; s < kTotal; ++s) straight.push_back(reference.step());
+  for (const std::int64_t stop : {std::int64_t(2), std::int64_t(5), std::int64_t(6)}) {
+    DYNAMIC_SECTION("stop after " << stop) {
+      const std::string path = "psft_test_train_resume_warmup.pt";
+      std::vector<Run::StepResult> resumed;
+      {
+        Run first = make(0);
+        for (std::int64_t s = 0; s < stop; ++s) resumed.push_back(first.step());
+        first.save(path);
+      }
+      Run second = make(99);
+      second.load(path);
+      std::remove(path.c_str());
+      if (stop >= 4) {  // inside global batch 1: which mini-batches need old log-probs came back
+        CHECK_FALSE(second.old->needs_old(1));
+        CHECK(second.old->needs_old(2));
+      }
+      for (std::int64_t s = stop; s < kTotal; ++s) resumed.push_back(second.step());
+      for (std::size_t s = 0; s < straight.size(); ++s) {
+        INFO("step " << s);
+        CHECK(resumed[s].loss == straight[s].loss);
+        CHECK(resumed[s].ratio_max == straight[s].ratio_max);
+      }
+      // The resumed run did not begin the interrupted global batch again:
+      // its passes are global batch 1's two (if it began it) and global
+      // batch 2's three.
+      CHECK(no_grad_passes(second.net) == (stop < 4 ? 5 : 3));
+    }
+  }
+}
+
 TEST_CASE("OldPolicy: torch::save and torch::load round-trip the state", "[train][old_policy]") {
   Run run(options_for(psft::OldPolicyStrategy::Recompute));
   for (int s = 0; s < 2; ++s) run.step();
@@ -467,6 +626,10 @@ TEST_CASE("OldPolicy: bad input errors name the argument", "[train][old_policy][
   bad_decay.ema_decay = 1.5;
   CHECK_THAT(error_of([&] { psft::OldPolicy<TinyLM>(net, bad_decay, score); }),
              Catch::Contains("ema_decay"));
+  psft::OldPolicyOptions bad_strategy;  // e.g. cast from a config integer
+  bad_strategy.strategy = static_cast<psft::OldPolicyStrategy>(3);
+  CHECK_THAT(error_of([&] { psft::OldPolicy<TinyLM>(net, bad_strategy, score); }),
+             Catch::Contains("options.strategy"));
   CHECK_THAT(error_of([&] { psft::OldPolicy<TinyLM>(net, {}, nullptr); }),
              Catch::Contains("scorer"));
   CHECK_THAT(error_of([&] { psft::OldPolicy<TinyLM>(TinyLM(nullptr), {}, score); }),
@@ -497,6 +660,66 @@ TEST_CASE("OldPolicy: bad input errors name the argument", "[train][old_policy][
   psft::OldPolicy<TinyLM> ema(net, options_for(psft::OldPolicyStrategy::Ema), score);
   CHECK_THAT(error_of([&] { ema.load(in); }),
              Catch::Contains("Recompute") && Catch::Contains("Ema"));
+}
+
+// Snapshot and Ema clone the module: with a module that is not a
+// torch::nn::Cloneable the ordinary constructor does not compile (a compile
+// failure cannot be a run-time test, so its absence is asserted here), and
+// the Recompute-only constructor works with any module.
+static_assert(psft::is_cloneable_module_v<TinyLM>, "TinyLM derives from Cloneable");
+static_assert(!psft::is_cloneable_module_v<PlainLM>, "PlainLM does not");
+static_assert(std::is_constructible_v<psft::OldPolicy<TinyLM>, TinyLM, psft::OldPolicyOptions,
+                                      psft::OldPolicy<TinyLM>::Scorer>,
+              "every strategy for a Cloneable module");
+static_assert(!std::is_constructible_v<psft::OldPolicy<PlainLM>, PlainLM, psft::OldPolicyOptions,
+                                       psft::OldPolicy<PlainLM>::Scorer>,
+              "no Snapshot or Ema for a module that cannot be cloned");
+static_assert(std::is_constructible_v<psft::OldPolicy<PlainLM>, psft::RecomputeOnly, PlainLM,
+                                      psft::OldPolicyOptions, psft::OldPolicy<PlainLM>::Scorer>,
+              "Recompute works for any module");
+static_assert(std::is_constructible_v<psft::OldPolicy<TinyLM>, psft::RecomputeOnly, TinyLM,
+                                      psft::OldPolicyOptions, psft::OldPolicy<TinyLM>::Scorer>,
+              "and for a Cloneable one");
+
+TEST_CASE("OldPolicy: a module that is not Cloneable recomputes (psft::recompute_only)",
+          "[train][old_policy]") {
+  torch::manual_seed(5);
+  PlainLM net;
+  psft::OldPolicy<PlainLM> old(psft::recompute_only, net, {}, score_plain);
+  torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.5));
+  const std::vector<psft::TokenBatch> batches = {make_batch(1), make_batch(2)};
+  Tensor initial;
+  {
+    torch::NoGradGuard no_grad;
+    initial = score_plain(net, batches[1]).logp.clone();
+  }
+  old.begin_global_batch(batches);
+  for (std::int64_t i = 0; i < 2; ++i) {
+    const psft::TokenBatch& mb = batches[static_cast<std::size_t>(i)];
+    const psft::TokenLogprobs now = score_plain(net, mb);
+    const Tensor old_logp = old.old_logp(i, mb, now.logp);
+    if (i == 0) CHECK(torch::equal(old_logp, now.logp.detach()));
+    if (i == 1) CHECK(bitwise_equal(old_logp, initial));
+    sgd.zero_grad();
+    psft::psft_loss(now.logp, old_logp, mb.labels != -100).loss.backward();
+    sgd.step();
+    old.after_optimizer_step();
+  }
+  CHECK(old.steps() == 2);
+  psft::OldPolicyOptions snapshot;
+  snapshot.strategy = psft::OldPolicyStrategy::Snapshot;
+  CHECK_THAT(
+      error_of([&] { psft::OldPolicy<PlainLM>(psft::recompute_only, net, snapshot, score_plain); }),
+      Catch::Contains("options.strategy") && Catch::Contains("Snapshot"));
+  torch::manual_seed(0);
+  TinyLM tiny(kVocab, kDim, torch::kFloat);
+  CHECK_THAT(error_of([&] {
+               psft::OldPolicy<TinyLM>(psft::recompute_only, tiny,
+                                       options_for(psft::OldPolicyStrategy::Ema), score);
+             }),
+             Catch::Contains("options.strategy") && Catch::Contains("Ema"));
+  psft::OldPolicy<TinyLM> tiny_old(psft::recompute_only, tiny, {}, score);
+  CHECK_THAT(error_of([&] { tiny_old.frozen(); }), Catch::Contains("Recompute"));
 }
 
 // ---------------------------------------------------------------------------
@@ -772,8 +995,12 @@ TEST_CASE("sft_loss: bad input errors name the argument", "[train][sft_loss][err
              }),
              Catch::Contains("logp"));
   CHECK_THAT(error_of([&] { psft::sft_loss(logp, torch::ones({3, 2})); }), Catch::Contains("mask"));
+  // An integer mask is 0/1 (Hugging Face's attention_mask), read as bool;
+  // any other integer is refused (Note [Mask argument]).
+  CHECK(psft::sft_loss(logp, torch::ones({2, 3}, torch::kLong)).loss.item<double>() ==
+        psft::sft_loss(logp, torch::ones({2, 3}, torch::kBool)).loss.item<double>());
   CHECK_THAT(error_of([&] {
-               psft::sft_loss(logp, torch::ones({2, 3}, torch::kLong));
+               psft::sft_loss(logp, torch::full({2, 3}, 2, torch::kLong));
              }),
              Catch::Contains("mask"));
   CHECK_THAT(error_of([&] {

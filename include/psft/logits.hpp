@@ -65,13 +65,30 @@ struct LogitsLossResult {
   /// Per-token entropy (TokenLogprobs::entropy).
   at::Tensor entropy;
   /// Masked token-entropy mean, global sum / count over this batch, 0-d in
-  /// the entropy's dtype; differentiable with LogitsOptions::entropy_grad.
+  /// the entropy's dtype (float32; float64 for float64 logits);
+  /// differentiable with LogitsOptions::entropy_grad.
   at::Tensor entropy_mean;
+  /// Mean of -logp over the scored tokens, 0-d float64, detached; 0 without
+  /// tokens. The PSFT loss sits near -1 for the whole run and says little
+  /// about progress; this is the number to watch (as for SFT).
+  at::Tensor nll_mean;
   /// The implementation of the logits pass (FusedCpu or Composed).
   Backend backend = Backend::Auto;
 };
 
 namespace detail {
+
+/// sum(w (-logp)) / sum(w) over tokens with weight w != 0 (masked values,
+/// even NaN, never read), 0-d float64, detached; 0 without tokens. The one
+/// definition of every result's nll_mean.
+inline at::Tensor masked_nll_mean(const at::Tensor& logp, const at::Tensor& weight) {
+  const at::Tensor w = weight.detach().to(at::kDouble);
+  const at::Tensor valid = w != 0;
+  const at::Tensor zero = at::zeros({}, w.options());
+  const at::Tensor sum = at::where(valid, -logp.detach().to(at::kDouble) * w, zero).sum();
+  const at::Tensor count = at::where(valid, w, zero).sum();
+  return at::where(count > 0, sum / at::where(count > 0, count, at::ones_like(count)), zero);
+}
 
 /// The backend of the logits pass: the fused kernel of the logits' device
 /// when this build has one, composed ATen ops otherwise (see backend_for).
@@ -177,6 +194,7 @@ inline LogitsLossResult loss_from_token_logprobs(
   out.logp = t.logp;
   out.entropy = t.entropy;
   out.entropy_mean = masked_entropy_mean(t.entropy, mask);
+  out.nll_mean = masked_nll_mean(t.logp, mask);
   out.backend = t.backend;
   return out;
 }

@@ -16,18 +16,23 @@
 
 #include "psft/core/config.hpp"
 #include "psft/core/options.hpp"
+#include "psft/detail/mask.hpp"
 
 PSFT_NAMESPACE_BEGIN
 
 /// The token count (sum of mask weights) and the count of non-empty
-/// sequences of one micro-batch's mask ([B, T] or [N], bool or float).
+/// sequences of one micro-batch's mask ([B, T] or [N]; bool, float weights
+/// or integer 0/1, Note [Mask argument]).
 /// Reads the counts to the host: call it once per micro-batch when the
 /// step starts, not inside the loss.
 inline Normaliser count_normaliser(const at::Tensor& mask) {
   TORCH_CHECK(mask.defined(), "psft::count_normaliser: mask is an undefined tensor");
   TORCH_CHECK(mask.dim() == 1 || mask.dim() == 2,
               "psft::count_normaliser: mask must have shape [B, T] or [N], got ", mask.sizes());
-  const at::Tensor w = mask.to(at::kDouble);
+  const at::Tensor w =
+      detail::mask_argument("psft::count_normaliser", "mask", mask).to(at::kDouble);
+  TORCH_CHECK(at::logical_and(w.isfinite(), w >= 0).all().item<bool>(),
+              "psft::count_normaliser: mask has a negative, NaN or Inf weight");
   const at::Tensor rows = mask.dim() == 2 ? w.sum(1) : w.sum().reshape({1});
   Normaliser n;
   n.tokens = rows.sum().item<double>();

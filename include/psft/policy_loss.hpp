@@ -3,9 +3,15 @@
 /// The PSFT objective and the general clipped policy objective on per-token
 /// log-probabilities. See docs/math.md for the derivation.
 
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
+
+#include <limits>
+#include <vector>
 
 #include "psft/autograd/clipped_loss_function.hpp"
 #include "psft/backend.hpp"
@@ -22,7 +28,8 @@ PSFT_NAMESPACE_BEGIN
 /// inputs' device. Means are mask-weighted over unmasked tokens; to combine
 /// micro-batches, weight each mean by token_count (merge_metrics does that),
 /// never average the means. With no tokens, fractions and KL are 0 and ratio
-/// statistics are 1.
+/// statistics are 1. metrics_log (psft/metric_log.hpp) reads them all to the
+/// host in one synchronisation, under psft's, verl's or TRL's names.
 struct LossMetrics {
   /// verl `pg_clipfrac`: fraction of tokens where the PPO clip binds
   /// (L2 > L1), on either side.
@@ -35,6 +42,11 @@ struct LossMetrics {
   /// TRL `clip_ratio/low_mean`: r < 1 - eps_low and A < 0.
   at::Tensor clip_frac_low;
   /// mean(old_logp - logp) (verl `ppo_kl`): k1 estimate of KL(old || new).
+  /// It is an unbiased estimate only for tokens sampled from the old policy.
+  /// On demonstration data (SFT, PSFT) the tokens come from the dataset,
+  /// and training raises their log-probability, so logp > old_logp on most
+  /// tokens and k1 is negative: read it as "how far the demonstrations'
+  /// likelihood moved", not as a KL. approx_kl_k3 stays >= 0.
   at::Tensor approx_kl_k1;
   /// mean(r - 1 - log r): k3 estimate of KL(old || new), >= 0.
   at::Tensor approx_kl_k3;
@@ -56,7 +68,57 @@ struct LossMetrics {
     for (int i = 0; i < core::kMetricCount; ++i) *fields[i] = packed.select(0, i);
     return m;
   }
+
+  /// The fields as one [core::kMetricCount] float64 tensor in
+  /// core::MetricValues order (the inverse of from_packed).
+  at::Tensor packed() const {
+    const at::Tensor* fields[] = {&clip_frac,    &clip_frac_dual, &clip_frac_high, &clip_frac_low,
+                                  &approx_kl_k1, &approx_kl_k3,   &ratio_mean,     &ratio_min,
+                                  &ratio_max,    &token_count};
+    std::vector<at::Tensor> values;
+    for (const at::Tensor* f : fields) {
+      TORCH_CHECK(f->defined() && f->numel() == 1,
+                  "psft::LossMetrics::packed: every field must be a one-element tensor");
+      values.push_back(f->detach().reshape({}).to(at::kDouble));
+    }
+    return at::stack(values);
+  }
 };
+
+/// The metrics of several loss calls (the micro-batches of an optimizer step,
+/// the ranks of a data-parallel group after gathering, ...) as if computed in
+/// one call over all their tokens: means weighted by token_count, ratio_min
+/// and ratio_max over the parts that have tokens, token_count summed. No
+/// host-device synchronisation; every part must be on the same device.
+/// With no tokens at all, fractions and KL are 0 and ratio statistics 1.
+inline LossMetrics merge_metrics(const std::vector<LossMetrics>& parts) {
+  const char* api = "psft::merge_metrics";
+  TORCH_CHECK(!parts.empty(), api, ": parts is empty");
+  std::vector<at::Tensor> packed;
+  for (const LossMetrics& m : parts) packed.push_back(m.packed());
+  for (const at::Tensor& p : packed) {
+    TORCH_CHECK(p.device() == packed[0].device(), api, ": parts are on ", packed[0].device(),
+                " and ", p.device(), "; move them to one device first");
+  }
+  const at::Tensor all = at::stack(packed);  // [parts, kMetricCount]
+  enum { kRatioMean = 6, kRatioMin = 7, kRatioMax = 8, kTokens = 9 };
+  const at::Tensor w = all.select(1, kTokens);
+  const at::Tensor total = w.sum();
+  const at::Tensor any = total > 0;
+  const at::Tensor safe_total = at::where(any, total, at::ones_like(total));
+  // Parts without tokens carry placeholder means (0, ratio 1) that get weight 0.
+  const at::Tensor means = (all.narrow(1, 0, kRatioMin) * w.unsqueeze(1)).sum(0) / safe_total;
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor has = w > 0;
+  const at::Tensor lo = at::where(has, all.select(1, kRatioMin), at::full({}, inf, all.options()));
+  const at::Tensor hi = at::where(has, all.select(1, kRatioMax), at::full({}, -inf, all.options()));
+  const at::Tensor one = at::ones({}, all.options());
+  at::Tensor merged = at::cat({means, at::stack({lo.min(), hi.max(), total})});
+  // With no tokens: fractions and KL stay 0 (every weight is 0); ratio stats 1.
+  merged.narrow(0, kRatioMean, 3)
+      .copy_(at::where(any, merged.narrow(0, kRatioMean, 3), one.expand({3})));
+  return LossMetrics::from_packed(merged);
+}
 
 /// Result of a loss call.
 struct LossResult {
@@ -106,8 +168,9 @@ inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at
 /// \param old_logp    same shape: log-probabilities under the old policy
 ///                    (a constant; fp32 recommended).
 /// \param advantages  [B, T], [B, 1], [B] (one per sequence) or 0-d.
-/// \param mask        same shape as logp, bool or float weights; undefined
-///                    tensor: every token counts.
+/// \param mask        same shape as logp: bool, float weights (>= 0) or
+///                    integer 0/1 (Note [Mask argument]); undefined tensor:
+///                    every token counts.
 /// \param opts        clip settings, reduction, normaliser, NaN check, backend.
 /// \throws c10::Error naming the argument on bad input (see LossOptions for
 ///         the NaN/Inf check and its opt-out).

@@ -15,6 +15,7 @@
 #include "psft/core/options.hpp"
 #include "psft/entropy.hpp"
 #include "psft/logits.hpp"
+#include "psft/metric_log.hpp"
 #include "psft/normaliser.hpp"
 #include "psft/policy_loss.hpp"
 #include "psft/sft_loss.hpp"

@@ -28,6 +28,7 @@
 #include "psft/core/validate.hpp"
 #include "psft/detail/checks.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
+#include "psft/detail/mask.hpp"
 #include "psft/logits.hpp"
 
 PSFT_NAMESPACE_BEGIN
@@ -66,11 +67,12 @@ struct SftLossResult {
 ///
 /// \param logp    [B, T] or [N] log-probabilities of the target tokens,
 ///                any float dtype; differentiable.
-/// \param mask    same shape, bool or float weights; undefined: every token
-///                counts.
+/// \param mask    same shape, bool, float weights or integer 0/1 (Note [Mask
+///                argument]); undefined: every token counts.
 /// \param variant Nll or Dft.
-/// \param opts    reduction, normaliser, norm_constant, check_finite (mask
-///                weights must then be finite and >= 0).
+/// \param opts    reduction, normaliser, norm_constant, check_finite (logp
+///                must then be finite at unmasked tokens and mask weights
+///                finite and >= 0).
 /// \throws c10::Error naming the argument on bad input.
 inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
                               SftVariant variant = SftVariant::Nll, const LossOptions& opts = {}) {
@@ -78,13 +80,13 @@ inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
   detail::check_float_tensor(api, "logp", logp);
   TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api, ": logp must have shape [B, T] or [N], got ",
               logp.sizes());
+  at::Tensor checked_mask;
   if (mask.defined()) {
-    TORCH_CHECK(mask.scalar_type() == at::kBool || detail::is_float_dtype(mask.scalar_type()), api,
-                ": mask must be bool or floating (token weights), got ", mask.scalar_type());
     TORCH_CHECK(mask.device() == logp.device(), api, ": mask is on ", mask.device(),
                 " but logp is on ", logp.device());
     TORCH_CHECK(mask.sizes() == logp.sizes(), api, ": mask must have logp's shape ", logp.sizes(),
                 ", got ", mask.sizes());
+    checked_mask = detail::mask_argument(api, "mask", mask);
   }
   TORCH_CHECK(variant == SftVariant::Nll || variant == SftVariant::Dft, api,
               ": variant must be SftVariant::Nll or SftVariant::Dft, got ",
@@ -96,16 +98,27 @@ inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
   const std::int64_t cols = logp.dim() == 2 ? logp.size(1) : logp.size(0);
   const at::ScalarType acc = detail::accumulate_type(logp.scalar_type());
   const at::Tensor lp = logp.reshape({rows, cols}).to(acc);
-  const at::Tensor weight =
-      mask.defined() ? mask.detach().reshape({rows, cols}).to(acc) : at::ones_like(lp).detach();
+  const at::Tensor weight = checked_mask.defined() ? checked_mask.reshape({rows, cols}).to(acc)
+                                                   : at::ones_like(lp).detach();
   const at::Tensor valid = weight != 0;
   if (opts.check_finite) {
-    TORCH_CHECK(at::logical_and(weight.isfinite(), weight >= 0).all().item<bool>(), api,
-                ": mask has a negative, NaN or Inf weight");
+    // One read for both checks (a synchronisation on an accelerator).
+    const at::Tensor bad =
+        at::stack({at::logical_and(valid, lp.detach().isfinite().logical_not()).any(),
+                   at::logical_or(weight.isfinite().logical_not(), weight < 0).any()})
+            .cpu();
+    TORCH_CHECK(!bad[0].item<bool>(), api,
+                ": logp has NaN or Inf at an unmasked token (set LossOptions::check_finite = "
+                "false to skip this check)");
+    TORCH_CHECK(!bad[1].item<bool>(), api, ": mask has a negative, NaN or Inf weight");
   }
-  const at::Tensor token_loss = variant == SftVariant::Nll ? -lp : -lp.detach().exp() * lp;
   const at::Tensor zero = at::zeros({}, lp.options().requires_grad(false));
-  // Masked tokens contribute nothing, whatever their values (even -inf).
+  // Masked tokens contribute nothing, whatever their values (even NaN or
+  // -inf): they are replaced before any formula sees them, so that no NaN
+  // reaches their gradient either (DFT's weight exp(logp) would).
+  const at::Tensor lp_valid = at::where(valid, lp, zero);
+  const at::Tensor token_loss =
+      variant == SftVariant::Nll ? -lp_valid : -lp_valid.detach().exp() * lp_valid;
   const at::Tensor row_loss = at::where(valid, token_loss * weight, zero).sum(1);
   const at::Tensor row_tokens = at::where(valid, weight, zero).sum(1, false, at::kDouble);
 
@@ -122,8 +135,7 @@ inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
   result.loss = (row_loss * row_scale.to(lp.device()).to(acc)).sum();
   const at::Tensor count = row_tokens.sum();
   result.token_count = count;
-  const at::Tensor nll_sum = at::where(valid, -lp.detach() * weight, zero).sum(at::kDouble);
-  result.nll_mean = at::where(count > 0, nll_sum / count.clamp_min(1e-300), at::zeros_like(count));
+  result.nll_mean = detail::masked_nll_mean(lp, weight);
   return result;
 }
 
@@ -141,7 +153,9 @@ struct SftLogitsLossResult {
   /// Per-token entropy (0 at ignore_index), without gradient unless
   /// LogitsOptions::entropy_grad.
   at::Tensor entropy;
-  /// Masked token-entropy mean over this batch, 0-d float64, detached.
+  /// Masked token-entropy mean over this batch, 0-d in the entropy's dtype,
+  /// differentiable with LogitsOptions::entropy_grad (as
+  /// LogitsLossResult::entropy_mean).
   at::Tensor entropy_mean;
 };
 
@@ -169,10 +183,7 @@ inline SftLogitsLossResult sft_loss_from_logits(const at::Tensor& logits, const 
   out.token_count = r.token_count;
   out.logp = t.logp;
   out.entropy = t.entropy;
-  const at::Tensor weight = mask.to(at::kDouble);
-  const at::Tensor entropy_sum = (t.entropy.detach().to(at::kDouble) * weight).sum();
-  out.entropy_mean = at::where(r.token_count > 0, entropy_sum / r.token_count.clamp_min(1.0),
-                               at::zeros_like(entropy_sum));
+  out.entropy_mean = masked_entropy_mean(t.entropy, mask);
   return out;
 }
 

@@ -2,8 +2,8 @@
 /// \file
 /// The composed backend of the clipped objective: the same math as
 /// core/clipped_objective.hpp written with ATen ops, so it runs on any device
-/// (CUDA without psft's CUDA translation unit, MPS, ...), without a
-/// host-device synchronisation.
+/// (CUDA without psft's CUDA translation unit, MPS, ...), with at most one
+/// host-device synchronisation (the checks of LossOptions::check_finite).
 ///
 /// Note [Composed path mirrors core]
 /// This file restates core::clipped_objective_from_ratio and the reductions
@@ -17,9 +17,11 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <string>
 
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/reduction.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
 
 PSFT_NAMESPACE_BEGIN
@@ -83,23 +85,50 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   const at::Tensor& ratio = t.ratio;
   const at::Tensor& clamped = t.clamped;
 
-  if (opts.check_finite) {  // one synchronisation on an accelerator (see LossOptions)
-    const at::Tensor old_logp = in.old_logp.reshape({in.rows, in.cols});
-    TORCH_CHECK(at::logical_or(old_logp.isfinite(), ~valid).all().item<bool>(), in.api,
-                ": old_logp has NaN or Inf at an unmasked token (set "
-                "LossOptions::check_finite = false to skip this check)");
-    TORCH_CHECK(at::logical_or(advantage.isfinite(), ~valid).all().item<bool>(), in.api,
-                ": advantages has NaN or Inf at an unmasked token (set "
-                "LossOptions::check_finite = false to skip this check)");
-    TORCH_CHECK(at::logical_and(weight.isfinite(), weight >= 0).all().item<bool>(), in.api,
-                ": mask has a negative, NaN or Inf weight");
-  }
-
   const at::Tensor zero = at::zeros({}, ratio.options());
   // Masked tokens contribute nothing, whatever their values (even NaN).
   const auto masked = [&](const at::Tensor& x) { return at::where(valid, x * weight, zero); };
-  const at::Tensor row_loss = masked(t.token_loss).sum(1, false, at::kDouble);
   const at::Tensor row_tokens = at::where(valid, weight, zero).sum(1, false, at::kDouble);
+
+  // The value checks and the normaliser's counts against the batch's own, in
+  // one read to the host: free on the CPU, which therefore always checks the
+  // normaliser; on an accelerator one synchronisation, under check_finite
+  // (see LossOptions).
+  const bool read_checks = opts.check_finite || in.logp.device().is_cpu();
+  if (read_checks) {
+    const auto bad_at_valid = [&](const at::Tensor& x) {
+      return at::logical_and(valid, x.reshape({in.rows, in.cols}).isfinite().logical_not())
+          .any()
+          .to(at::kDouble);
+    };
+    const at::Tensor no = at::zeros({}, row_tokens.options());
+    const at::Tensor checks = at::stack({
+        opts.check_finite ? bad_at_valid(in.logp) : no,
+        opts.check_finite ? bad_at_valid(in.old_logp) : no,
+        opts.check_finite ? bad_at_valid(advantage) : no,
+        opts.check_finite
+            ? at::logical_or(weight.isfinite().logical_not(), weight < 0).any().to(at::kDouble)
+            : no,
+        row_tokens.sum(),
+        (row_tokens > 0).sum().to(at::kDouble),
+    });
+    const at::Tensor host = checks.cpu();
+    const double* c = host.data_ptr<double>();
+    TORCH_CHECK(c[0] == 0, in.api,
+                ": logp has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
+    TORCH_CHECK(c[1] == 0, in.api,
+                ": old_logp has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
+    TORCH_CHECK(c[2] == 0, in.api,
+                ": advantages has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
+    TORCH_CHECK(c[3] == 0, in.api, ": mask has a negative, NaN or Inf weight");
+    const std::string normaliser_error = core::normaliser_error(opts, c[4], c[5]);
+    TORCH_CHECK(normaliser_error.empty(), in.api, ": ", normaliser_error);
+  }
+
+  const at::Tensor row_loss = masked(t.token_loss).sum(1, false, at::kDouble);
 
   // Counts: local ones unless the normaliser supplies the step's global ones.
   at::Tensor tokens = row_tokens.sum();

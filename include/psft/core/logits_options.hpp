@@ -11,6 +11,7 @@
 
 #include "psft/core/config.hpp"
 #include "psft/core/options.hpp"
+#include "psft/core/validate.hpp"
 
 PSFT_NAMESPACE_BEGIN
 
@@ -31,8 +32,9 @@ struct LogitsOptions {
   /// scored rows of logits hold no NaN or +inf (and not only -inf). The fused
   /// CPU pass checks as it goes at no measurable cost; the composed backend
   /// on an accelerator pays one host-device synchronisation per call, so a
-  /// tuned GPU loop may turn it off (out-of-range labels then read a clamped
-  /// entry instead of failing).
+  /// tuned GPU loop may turn it off. Off, an out-of-range label reads (and
+  /// backward writes) the nearest entry of its row on every backend, never
+  /// memory outside the row, and NaN logits propagate to the outputs.
   bool check_inputs = true;
   /// Which implementation runs the logits pass. Auto: the fused kernel of
   /// the logits' device when the build has one (CPU always; CUDA with
@@ -54,6 +56,10 @@ inline std::string logits_options_error(const LogitsOptions& o) {
     e << "temperature must be finite and > 0, got " << o.temperature;
   } else if (o.composed_chunk_bytes <= 0) {
     e << "composed_chunk_bytes must be > 0, got " << o.composed_chunk_bytes;
+  } else if (!is_valid(o.backend)) {
+    e << "backend must be a psft::Backend enumerator (Auto, FusedCpu, FusedCuda or Composed), "
+         "got the value "
+      << static_cast<int>(o.backend);
   }
   return e.str();
 }

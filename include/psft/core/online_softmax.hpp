@@ -21,6 +21,7 @@
 /// logits (|z| ~ 1e4).
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "psft/core/config.hpp"
@@ -162,6 +163,19 @@ PSFT_HOST_DEVICE inline T token_logprob_grad(T y, bool is_label, T log_sum, T me
   const T onehot = is_label ? grad_logp : T(0);
   if (!(p > T(0))) return onehot;  // also keeps -inf logits at an exact zero
   return onehot - p * (grad_logp + grad_entropy * (y - mean_shifted));
+}
+
+// Note [Out-of-range labels]
+// With LogitsOptions::check_inputs off, nothing stops a label outside
+// [0, V). Every backend then reads (and in backward writes the one-hot term
+// of) the nearest entry of the row, never memory outside it, and reports the
+// row, so that no option can make psft access memory out of bounds.
+
+/// The column a scored row's label reads: the label itself when it is in
+/// [0, vocab), else the nearest end of the row (Note [Out-of-range labels]).
+/// vocab >= 1.
+PSFT_HOST_DEVICE inline std::int64_t clamped_label(std::int64_t label, std::int64_t vocab) {
+  return label < 0 ? 0 : (label >= vocab ? vocab - 1 : label);
 }
 
 }  // namespace core

@@ -87,12 +87,13 @@ struct LossOptions {
   std::optional<Normaliser> normaliser;
   /// C of SeqMeanTokenSumNorm. Unset: the padded length T of the batch.
   std::optional<double> norm_constant;
-  /// Check old_logp, advantages and mask for NaN/Inf (and negative mask
-  /// weights). On the CPU the check is fused into the loss pass (a few
-  /// percent); on other devices it costs one host-device synchronisation,
-  /// so set it to false in a tuned GPU loop. On the fused CUDA kernel the
-  /// same switch covers the check that the normaliser's counts are not
-  /// smaller than the batch's own.
+  /// Check logp, old_logp and advantages for NaN/Inf at unmasked tokens, and
+  /// mask weights for NaN/Inf and negative values. On the CPU the check is
+  /// fused into the loss pass (a few percent); on other devices it costs one
+  /// host-device synchronisation per call, so set it to false in a tuned GPU
+  /// loop. The check that the normaliser's counts are not smaller than the
+  /// batch's own is always made on the CPU (it is free there) and falls
+  /// under this switch on other devices.
   bool check_finite = true;
   /// Which implementation runs; Auto picks the fused kernel for the device.
   Backend backend = Backend::Auto;

@@ -64,6 +64,25 @@ struct RowReduction {
   double global_factor = 0.0;  ///< the reduction's global scale of every row
 };
 
+/// Why opts.normaliser cannot be this batch's normaliser, or "": a global
+/// count smaller than the batch's own token count (beyond rounding) or
+/// non-empty sequence count is a bug in the caller's bookkeeping.
+inline std::string normaliser_error(const LossOptions& opts, double batch_tokens,
+                                    double batch_sequences) {
+  std::ostringstream e;
+  if (!opts.normaliser) return {};
+  const Normaliser& n = *opts.normaliser;
+  if (n.tokens && *n.tokens < batch_tokens * (1 - 1e-9)) {
+    e << "normaliser.tokens (" << *n.tokens << ") is smaller than this batch's own token count ("
+      << batch_tokens << "); it must count the whole optimizer step";
+  } else if (n.sequences && *n.sequences < batch_sequences) {
+    e << "normaliser.sequences (" << *n.sequences
+      << ") is smaller than this batch's own non-empty sequence count (" << batch_sequences
+      << "); it must count the whole optimizer step";
+  }
+  return e.str();
+}
+
 /// Aggregates per-row sums into RowReduction and writes each row's gradient
 /// scale; see RowReduction for the contract.
 inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
@@ -76,27 +95,10 @@ inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std:
     counts.tokens += row_tokens[r];
     counts.sequences += row_tokens[r] > 0 ? 1.0 : 0.0;
   }
-  std::ostringstream e;
-  if (opts.normaliser && opts.normaliser->tokens) {
-    if (*opts.normaliser->tokens < counts.tokens * (1 - 1e-9)) {
-      e << "normaliser.tokens (" << *opts.normaliser->tokens
-        << ") is smaller than this batch's own token count (" << counts.tokens
-        << "); it must count the whole optimizer step";
-      out.error = e.str();
-      return out;
-    }
-    counts.tokens = *opts.normaliser->tokens;
-  }
-  if (opts.normaliser && opts.normaliser->sequences) {
-    if (*opts.normaliser->sequences < counts.sequences) {
-      e << "normaliser.sequences (" << *opts.normaliser->sequences
-        << ") is smaller than this batch's own non-empty sequence count (" << counts.sequences
-        << "); it must count the whole optimizer step";
-      out.error = e.str();
-      return out;
-    }
-    counts.sequences = *opts.normaliser->sequences;
-  }
+  out.error = normaliser_error(opts, counts.tokens, counts.sequences);
+  if (!out.error.empty()) return out;
+  if (opts.normaliser && opts.normaliser->tokens) counts.tokens = *opts.normaliser->tokens;
+  if (opts.normaliser && opts.normaliser->sequences) counts.sequences = *opts.normaliser->sequences;
   out.global_factor = global_factor(opts.reduction, counts);
   double total = 0.0;
   for (std::int64_t r = 0; r < rows; ++r) {

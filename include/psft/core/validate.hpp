@@ -29,6 +29,31 @@ inline const char* reduction_name(Reduction r) {
   return "?";
 }
 
+/// Whether r is one of Reduction's enumerators (a value cast from a config
+/// integer may not be).
+inline bool is_valid(Reduction r) {
+  switch (r) {
+    case Reduction::TokenMean:
+    case Reduction::SeqMeanTokenSum:
+    case Reduction::SeqMeanTokenMean:
+    case Reduction::SeqMeanTokenSumNorm:
+      return true;
+  }
+  return false;
+}
+
+/// Whether b is one of Backend's enumerators.
+inline bool is_valid(Backend b) {
+  switch (b) {
+    case Backend::Auto:
+    case Backend::FusedCpu:
+    case Backend::FusedCuda:
+    case Backend::Composed:
+      return true;
+  }
+  return false;
+}
+
 /// Why `c` is invalid, or "" if it is valid.
 inline std::string clip_options_error(const ClipOptions& c) {
   std::ostringstream e;
@@ -49,6 +74,18 @@ inline std::string loss_options_error(const LossOptions& opts, int dim) {
   std::string clip_error = clip_options_error(opts.clip);
   if (!clip_error.empty()) return clip_error;
   std::ostringstream e;
+  if (!is_valid(opts.reduction)) {
+    e << "reduction must be a psft::Reduction enumerator (TokenMean, SeqMeanTokenSum, "
+         "SeqMeanTokenMean or SeqMeanTokenSumNorm), got the value "
+      << static_cast<int>(opts.reduction);
+    return e.str();
+  }
+  if (!is_valid(opts.backend)) {
+    e << "backend must be a psft::Backend enumerator (Auto, FusedCpu, FusedCuda or Composed), "
+         "got the value "
+      << static_cast<int>(opts.backend);
+    return e.str();
+  }
   const char* name = reduction_name(opts.reduction);
   if (opts.reduction != Reduction::TokenMean && dim != 2) {
     e << "reduction " << name

@@ -64,6 +64,9 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     fwd = clipped_loss_forward<float>(args, clip_params<float>(opts.clip),
                                       need_grad ? out.coef.data_ptr<float>() : nullptr);
   }
+  TORCH_CHECK(!fwd.bad_logp, in.api,
+              ": logp has NaN or Inf at an unmasked token (set "
+              "LossOptions::check_finite = false to skip this check)");
   TORCH_CHECK(!fwd.bad_old, in.api,
               ": old_logp has NaN or Inf at an unmasked token (set "
               "LossOptions::check_finite = false to skip this check)");

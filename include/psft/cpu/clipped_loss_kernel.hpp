@@ -64,8 +64,9 @@ struct UnitPartial {
   double tokens = 0;         ///< sum of w
   core::MetricSums metrics;  ///< metric sums of the unit
   ///@{
-  /// Whether a non-finite old_logp / advantage or a bad mask weight was seen.
-  bool bad_old = false, bad_advantage = false, bad_mask = false;
+  /// Whether a non-finite logp / old_logp / advantage or a bad mask weight
+  /// was seen.
+  bool bad_logp = false, bad_old = false, bad_advantage = false, bad_mask = false;
   ///@}
 };
 
@@ -144,10 +145,11 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
       std::int64_t i = 0;
       for (; i + kLanes <= n; i += kLanes) {
         const Packet wi = ei::ploadu<Packet>(w + i);
+        const Packet li = ei::ploadu<Packet>(logp + i);
         const Packet oi = ei::ploadu<Packet>(old + i);
         const Packet ai = ei::ploadu<Packet>(adv + i);
         const Packet valid = ei::pandnot(ei::ptrue(wi), ei::pcmp_eq(wi, zero));  // w != 0
-        const Packet log_ratio = ei::psub(ei::ploadu<Packet>(logp + i), oi);
+        const Packet log_ratio = ei::psub(li, oi);
         const Packet in_range =
             ei::pand(ei::pcmp_le(neg_bound, log_ratio), ei::pcmp_le(log_ratio, bound));
         const Packet d = ei::pselect(valid, ei::pmin(ei::pmax(log_ratio, neg_bound), bound), zero);
@@ -183,8 +185,9 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
         ratio_max = ei::pmax(ratio_max, ei::pselect(valid, r, neg_inf));
         if (check_finite) {
           // |x| <= FLT_MAX is false for NaN and Inf.
-          const Packet finite_inputs =
-              ei::pand(ei::pcmp_le(ei::pabs(oi), largest), ei::pcmp_le(ei::pabs(ai), largest));
+          const Packet finite_inputs = ei::pand(
+              ei::pand(ei::pcmp_le(ei::pabs(li), largest), ei::pcmp_le(ei::pabs(oi), largest)),
+              ei::pcmp_le(ei::pabs(ai), largest));
           const Packet good_weight =
               ei::pand(ei::pcmp_le(ei::pabs(wi), largest), ei::pcmp_le(zero, wi));
           bad = ei::por(bad, ei::por(ei::pandnot(valid, finite_inputs),
@@ -231,8 +234,9 @@ struct ForwardResult {
   std::vector<double> row_tokens;  ///< sum_t w per row
   core::MetricSums metrics;        ///< metric sums over all tokens
   ///@{
-  /// Whether a non-finite old_logp / advantage or a bad mask weight was seen.
-  bool bad_old = false, bad_advantage = false, bad_mask = false;
+  /// Whether a non-finite logp / old_logp / advantage or a bad mask weight
+  /// was seen.
+  bool bad_logp = false, bad_old = false, bad_advantage = false, bad_mask = false;
   ///@}
 };
 
@@ -275,6 +279,8 @@ ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<
         if (done == n) continue;
         // The scalar path: logp becomes the clamped log-ratio, ratio its exp.
         for (std::int64_t i = done; i < n; ++i) {
+          // Checked here, before logp[i] becomes the clamped log-ratio.
+          if (a.check_finite && w[i] != acc_t(0)) part.bad_logp |= !std::isfinite(logp[i]);
           const acc_t log_ratio = logp[i] - old[i];
           in_range[i] = core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp);
           logp[i] = core::clamp_log_ratio(log_ratio, clip.log_ratio_clamp);
@@ -313,6 +319,7 @@ ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<
     out.row_loss[row] += p.loss;
     out.row_tokens[row] += p.tokens;
     out.metrics.merge(p.metrics);
+    out.bad_logp |= p.bad_logp;
     out.bad_old |= p.bad_old;
     out.bad_advantage |= p.bad_advantage;
     out.bad_mask |= p.bad_mask;

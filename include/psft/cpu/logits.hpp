@@ -43,9 +43,10 @@ inline LogitsRows logits_rows(const at::Tensor& logits) {
 
 /// Forward: writes logp and entropy (contiguous, labels' numel, float32 or
 /// float64 for float64 logits) and, when stats is defined, the [N, 3]
-/// per-row statistics backward needs. labels is contiguous int64 with values
-/// already checked. Raises c10::Error (prefixed by api) on NaN/+inf logits
-/// or an all -inf row at a scored position when opts.check_inputs.
+/// per-row statistics backward needs. labels is contiguous int64. Raises c10::Error (prefixed by
+/// api) on NaN/+inf logits, an all -inf row or a label outside [0, V) at a scored position when
+/// opts.check_inputs; without it such a label reads a clamped entry (Note
+/// [Out-of-range labels]).
 inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
                                    const at::Tensor& labels, const LogitsOptions& opts,
                                    const at::Tensor& logp, const at::Tensor& entropy,
@@ -68,6 +69,8 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
         }
       });
   if (!opts.check_inputs) return;
+  TORCH_CHECK(status.first_bad_label_row < 0, api, ": labels at token ", status.first_bad_label_row,
+              " is outside [0, ", rows.vocab, ") and not ignore_index (", opts.ignore_index, ")");
   TORCH_CHECK(status.first_nonfinite_row < 0, api, ": logits has a NaN or +inf entry at token ",
               status.first_nonfinite_row,
               " (flat index over the leading dimensions; rows whose label is ignore_index are "

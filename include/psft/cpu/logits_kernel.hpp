@@ -78,6 +78,9 @@ struct LogitsRows {
 struct LogitsForwardStatus {
   std::int64_t first_nonfinite_row = -1;    ///< a NaN or +inf logit
   std::int64_t first_all_neg_inf_row = -1;  ///< every logit -inf
+  /// A label outside [0, vocab) (not ignore_index), read clamped (Note
+  /// [Out-of-range labels]).
+  std::int64_t first_bad_label_row = -1;
 };
 
 namespace kernel_detail {
@@ -340,6 +343,7 @@ inline std::int64_t row_grain(std::int64_t vocab) {
 
 /// The label's logit as its block saw it (same conversion and scaling), so
 /// that log p is consistent with the row's statistics to the last bit.
+/// label is already clamped into the row (core::clamped_label).
 template <class acc_t, class scalar_t>
 inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, bool scaled) {
   const acc_t z = static_cast<acc_t>(x[label]);
@@ -351,7 +355,8 @@ inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, boo
 /// Forward over every row: logp[r] = log p(labels[r]), entropy[r] = H, and
 /// (when stats is not null) stats[3r..3r+2] = {m, log S, A / S} for backward.
 /// Rows whose label is ignore_index are not read: logp = entropy = 0 and
-/// stats = 0. Labels must already be in [0, vocab) or ignore_index. Outputs
+/// stats = 0. A label outside [0, vocab) reads the nearest entry and is
+/// reported (Note [Out-of-range labels]); no access leaves the row. Outputs
 /// are contiguous [rows] (stats [rows, 3]). A row with a NaN or +inf logit
 /// gets NaN outputs and is reported. Results do not depend on the thread
 /// count: each row is reduced by one thread in a fixed order.
@@ -363,14 +368,14 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
   const std::int64_t vocab = logits.vocab;
   const auto* base = static_cast<const scalar_t*>(logits.data);
   constexpr std::int64_t kNone = std::numeric_limits<std::int64_t>::max();
-  std::atomic<std::int64_t> first_nonfinite{kNone}, first_all_neg_inf{kNone};
+  std::atomic<std::int64_t> first_nonfinite{kNone}, first_all_neg_inf{kNone},
+      first_bad_label{kNone};
 
   at::parallel_for(
       0, logits.rows, kernel_detail::row_grain(vocab), [&](std::int64_t begin, std::int64_t end) {
         alignas(64) acc_t buf[kVocabBlock];
         for (std::int64_t r = begin; r < end; ++r) {
-          const std::int64_t label = labels[r];
-          if (label == ignore_index) {
+          if (labels[r] == ignore_index) {
             logp[r] = entropy[r] = acc_t(0);
             if (stats) stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = acc_t(0);
             continue;
@@ -384,6 +389,8 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
           }
           if (row.invalid()) kernel_detail::atomic_min(first_nonfinite, r);
           if (row.empty()) kernel_detail::atomic_min(first_all_neg_inf, r);
+          const std::int64_t label = core::clamped_label(labels[r], vocab);
+          if (label != labels[r]) kernel_detail::atomic_min(first_bad_label, r);
           logp[r] = row.log_prob(kernel_detail::label_logit(x, label, inv_temperature, scaled));
           entropy[r] = row.entropy();
           if (stats) {
@@ -397,6 +404,7 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
   LogitsForwardStatus status;
   if (first_nonfinite.load() != kNone) status.first_nonfinite_row = first_nonfinite.load();
   if (first_all_neg_inf.load() != kNone) status.first_all_neg_inf_row = first_all_neg_inf.load();
+  if (first_bad_label.load() != kNone) status.first_bad_label_row = first_bad_label.load();
   return status;
 }
 
@@ -419,10 +427,9 @@ void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* label
         alignas(64) acc_t out_buf[kVocabBlock];
         for (std::int64_t r = begin; r < end; ++r) {
           scalar_t* out = grad + r * vocab;
-          const std::int64_t label = labels[r];
           const acc_t g = grad_logp ? grad_logp[r] : acc_t(0);
           const acc_t h = grad_entropy ? grad_entropy[r] : acc_t(0);
-          if (label == ignore_index || (g == acc_t(0) && h == acc_t(0))) {
+          if (labels[r] == ignore_index || (g == acc_t(0) && h == acc_t(0))) {
             std::memset(static_cast<void*>(out), 0,
                         static_cast<std::size_t>(vocab) * sizeof(scalar_t));
             continue;
@@ -441,7 +448,8 @@ void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* label
               kernel_detail::store_block(out_buf, n, out + col);
             }
           }
-          // The label's entry also gets the one-hot term.
+          // The label's entry also gets the one-hot term (clamped as forward read it).
+          const std::int64_t label = core::clamped_label(labels[r], vocab);
           const acc_t y_label = kernel_detail::label_logit(x, label, inv_temperature, scaled) - m;
           out[label] = static_cast<scalar_t>(
               inv_temperature *

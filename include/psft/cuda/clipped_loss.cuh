@@ -243,7 +243,7 @@ __device__ inline void store_group(T* dst, int n, bool aligned, const T (&values
 }
 
 /// Flags of bad unmasked values (bits of Partial::flags).
-enum : unsigned int { kBadOld = 1u, kBadAdvantage = 2u, kBadMask = 4u };
+enum : unsigned int { kBadOld = 1u, kBadAdvantage = 2u, kBadMask = 4u, kBadLogp = 8u };
 
 /// Partial results of one unit (mirror of cpu::UnitPartial).
 struct Partial {
@@ -319,6 +319,7 @@ __global__ void __launch_bounds__(kThreads) forward_units(const ForwardParams<ac
       coef_out[i] = acc_t(0);
       if (i >= n || w[i] == acc_t(0)) continue;
       if (a.check_finite) {
+        if (!isfinite(logp[i])) part.flags |= kBadLogp;
         if (!isfinite(old[i])) part.flags |= kBadOld;
         if (!isfinite(adv[i])) part.flags |= kBadAdvantage;
         if (!isfinite(w[i]) || w[i] < acc_t(0)) part.flags |= kBadMask;

@@ -9,8 +9,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 #include "psft/core/config.hpp"
 #include "psft/core/options.hpp"
+#include "psft/core/reduction.hpp"
 #include "psft/cuda/entry.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
 
@@ -50,6 +53,9 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     const at::Tensor status = r.status.cpu();
     const double* s = status.data_ptr<double>();
     const auto flags = static_cast<unsigned>(s[0]);
+    TORCH_CHECK(!(flags & 8u), in.api,
+                ": logp has NaN or Inf at an unmasked token (set "
+                "LossOptions::check_finite = false to skip this check)");
     TORCH_CHECK(!(flags & 1u), in.api,
                 ": old_logp has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
@@ -57,13 +63,11 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
                 ": advantages has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
     TORCH_CHECK(!(flags & 4u), in.api, ": mask has a negative, NaN or Inf weight");
-    TORCH_CHECK(s[1] == 0.0, in.api, ": normaliser.tokens (", c10::str(*opts.normaliser->tokens),
-                ") is smaller than this batch's own token count (", s[3],
-                "); it must count the whole optimizer step");
-    TORCH_CHECK(s[2] == 0.0, in.api, ": normaliser.sequences (",
-                c10::str(*opts.normaliser->sequences),
-                ") is smaller than this batch's own non-empty sequence count (", s[4],
-                "); it must count the whole optimizer step");
+    if (s[1] != 0.0 || s[2] != 0.0) {
+      const std::string error = core::normaliser_error(opts, s[3], s[4]);
+      TORCH_CHECK(false, in.api, ": ",
+                  error.empty() ? "normaliser smaller than this batch's own counts" : error);
+    }
   }
   detail::ClippedLossOutputs out;
   out.loss = r.loss;

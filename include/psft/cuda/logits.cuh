@@ -161,10 +161,9 @@ __global__ void __launch_bounds__(kLogitsThreads)
     } else if (all.empty()) {
       flags |= kRowAllNegInf;
     }
-    const bool label_ok = label >= 0 && label < l.vocab;
-    if (!label_ok) flags |= kRowBadLabel;
-    // An out-of-range label (check_inputs off) reads a clamped entry.
-    const std::int64_t read = label_ok ? label : (label < 0 ? 0 : l.vocab - 1);
+    // Note [Out-of-range labels]: read the nearest entry, report the row.
+    const std::int64_t read = core::clamped_label(label, l.vocab);
+    if (read != label) flags |= kRowBadLabel;
     acc_t z = logit_value<acc_t>(row[read]);
     if (p.inv_temperature != acc_t(1)) z *= p.inv_temperature;
     p.logp[r] = all.log_prob(z);
@@ -199,6 +198,8 @@ __global__ void __launch_bounds__(kLogitsThreads)
   const DeviceLogits& l = p.logits;
   out_t* out = p.grad + r * l.vocab;
   const std::int64_t label = p.labels[r];
+  // The one-hot term goes where forward read the label (Note [Out-of-range labels]).
+  const std::int64_t onehot_col = core::clamped_label(label, l.vocab);
   const acc_t g = p.grad_logp ? p.grad_logp[r] : acc_t(0);
   const acc_t h = p.grad_entropy ? p.grad_entropy[r] : acc_t(0);
   const std::int64_t first = std::int64_t(threadIdx.x) * kVector;
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(kLogitsThreads)
       if (k < n)
         values[k] = to_output<out_t>(
             p.inv_temperature *
-            core::token_logprob_grad(z[k] - m, col + k == label, log_sum, mean, g, h));
+            core::token_logprob_grad(z[k] - m, col + k == onehot_col, log_sum, mean, g, h));
     }
     store_group(out + col, n, aligned, values);
   }

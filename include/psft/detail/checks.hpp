@@ -12,6 +12,7 @@
 #include "psft/core/options.hpp"
 #include "psft/core/validate.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
+#include "psft/detail/mask.hpp"
 
 PSFT_NAMESPACE_BEGIN
 namespace detail {
@@ -69,12 +70,10 @@ inline ClippedLossInputs check_clipped_loss_inputs(const char* api, const at::Te
     in.advantages = a.expand(logp.sizes());
   }
   if (mask.defined()) {
-    TORCH_CHECK(mask.scalar_type() == at::kBool || is_float_dtype(mask.scalar_type()), api,
-                ": mask must be bool or floating (token weights), got ", mask.scalar_type());
     check_same_device(api, "mask", mask, logp);
     TORCH_CHECK(mask.sizes() == logp.sizes(), api, ": mask must have logp's shape ", logp.sizes(),
                 ", got ", mask.sizes());
-    in.mask = mask.detach();
+    in.mask = mask_argument(api, "mask", mask);
   }
   const std::string options_error = core::loss_options_error(opts, static_cast<int>(logp.dim()));
   TORCH_CHECK(options_error.empty(), api, ": ", options_error);

@@ -73,6 +73,7 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
       const T w = mask(r, c);
       if (w == T(0)) continue;
       if (opts.check_finite) {
+        detail::require(std::isfinite(logp(r, c)), "logp has NaN or Inf at an unmasked token");
         detail::require(std::isfinite(old_logp(r, c)),
                         "old_logp has NaN or Inf at an unmasked token");
         detail::require(std::isfinite(advantages(r, c)),

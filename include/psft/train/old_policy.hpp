@@ -27,10 +27,24 @@
 ///     }
 ///   }
 ///
+/// With an SFT warm-up, pass the schedule: old.begin_global_batch(minis,
+/// phases) skips the no-grad passes of the warm-up's mini-batches, which
+/// use no old log-probs.
+///
 /// The state (counters, the cached old log-probs of the global batch in
 /// progress, the frozen copy) saves and loads with torch::serialize, so a
 /// run resumed from a checkpoint, even in the middle of a global batch,
-/// continues exactly as an uninterrupted one.
+/// continues exactly as an uninterrupted one. To resume inside a global
+/// batch, load() and continue at the next mini-batch: do not call
+/// begin_global_batch again for the interrupted global batch. load()
+/// restored its cache, the old log-probs of the weights the global batch
+/// started from; a new begin_global_batch would recompute them from the
+/// weights as they are now, and change the trust region of the rest of it.
+///
+/// Snapshot and Ema clone the module, so they need a torch::nn::Cloneable
+/// (is_cloneable_module). For a module that is not one, the ordinary
+/// constructor does not compile; OldPolicy(psft::recompute_only, net, opts,
+/// score) builds a Recompute-only old policy, which never clones.
 ///
 /// This header uses the torch::nn front end (Module, Cloneable, the
 /// serialize archives), which is why it lives in psft/train/ and is not part
@@ -49,11 +63,13 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "psft/core/config.hpp"
 #include "psft/logits.hpp"
+#include "psft/train/schedule.hpp"
 
 PSFT_NAMESPACE_BEGIN
 
@@ -99,6 +115,30 @@ struct OldPolicyOptions {
   bool warn_single_mini_batch = true;
 };
 
+/// Whether OldPolicy's Snapshot and Ema strategies can copy the module of
+/// holder type ModuleHolder (a TORCH_MODULE holder): true when its Impl
+/// derives from torch::nn::Cloneable<Impl>, whose clone() deep-copies it.
+/// torch::nn::Module::clone() of any other module throws at run time, which
+/// is why OldPolicy checks this at compile time instead.
+template <typename ModuleHolder>
+struct is_cloneable_module
+    : std::is_base_of<torch::nn::Cloneable<typename ModuleHolder::ContainedType>,
+                      typename ModuleHolder::ContainedType> {};
+
+/// is_cloneable_module<ModuleHolder>::value.
+template <typename ModuleHolder>
+inline constexpr bool is_cloneable_module_v = is_cloneable_module<ModuleHolder>::value;
+
+/// Tag of OldPolicy's Recompute-only constructor (see psft::recompute_only).
+struct RecomputeOnly {
+  explicit RecomputeOnly() = default;
+};
+
+/// OldPolicy(psft::recompute_only, live, options, scorer): an old policy
+/// that only ever recomputes, for a module that is not a
+/// torch::nn::Cloneable (it works for any module).
+inline constexpr RecomputeOnly recompute_only{};
+
 /// The default mini-batch type: token ids in, next-token labels out (labels
 /// equal to ignore_index are not scored). Any copyable type works as
 /// OldPolicy's Batch; the scorer is what reads it.
@@ -112,9 +152,14 @@ struct TokenBatch {
 /// Old log-probabilities for a PSFT / PPO loop: one interface over the
 /// Recompute, Snapshot and Ema strategies (see OldPolicyStrategy).
 ///
-/// \tparam ModuleHolder a TORCH_MODULE holder (torch::nn::ModuleHolder) of a
-///         torch::nn::Cloneable<Impl>, so that Snapshot and Ema can clone it.
-/// \tparam Batch the mini-batch type handed to the scorer.
+/// \tparam ModuleHolder a TORCH_MODULE holder (torch::nn::ModuleHolder). The
+///         ordinary constructor needs a torch::nn::Cloneable<Impl>, so that
+///         Snapshot and Ema can clone it, and does not compile otherwise
+///         (is_cloneable_module); any module works with the
+///         Recompute-only constructor.
+/// \tparam Batch the mini-batch type handed to the scorer. When it has an
+///         at::Tensor member `labels` (as TokenBatch), Recompute checks that
+///         the mini-batch given to old() has the shape of the cached one.
 ///
 /// Old log-probabilities are returned detached, in float32 (float64 when
 /// the scorer returns float64), on the scorer's device; bf16/fp16 models
@@ -133,12 +178,33 @@ class OldPolicy {
   /// torch::NoGradGuard by OldPolicy.
   using Scorer = std::function<TokenLogprobs(ModuleHolder&, const Batch&)>;
 
-  /// \param live    the module being trained (shared, not copied).
+  /// \param live    the module being trained (shared, not copied); a
+  ///                torch::nn::Cloneable (is_cloneable_module).
   /// \param options strategy and its settings.
   /// \param scorer  see Scorer.
   /// \throws c10::Error naming the argument for an empty module holder, an
   ///         empty scorer or invalid options.
-  OldPolicy(ModuleHolder live, OldPolicyOptions options, Scorer scorer);
+  template <typename Holder = ModuleHolder,
+            std::enable_if_t<is_cloneable_module_v<Holder>, int> = 0>
+  OldPolicy(ModuleHolder live, OldPolicyOptions options, Scorer scorer)
+      : OldPolicy(Unchecked{}, std::move(live), options, std::move(scorer)) {}
+
+  /// Not a torch::nn::Cloneable, so no Snapshot or Ema (they clone it):
+  /// derive Impl from torch::nn::Cloneable<Impl>, or construct a
+  /// Recompute-only old policy with OldPolicy(psft::recompute_only, live,
+  /// options, scorer).
+  template <typename Holder = ModuleHolder,
+            std::enable_if_t<!is_cloneable_module_v<Holder>, int> = 0>
+  OldPolicy(ModuleHolder live, OldPolicyOptions options, Scorer scorer) = delete;
+
+  /// A Recompute-only old policy, for any module (it never clones).
+  /// \param options its settings; options.strategy must be Recompute (the
+  ///                default).
+  /// \throws c10::Error as the ordinary constructor, and naming
+  ///         options.strategy if it is not Recompute.
+  OldPolicy(RecomputeOnly, ModuleHolder live, OldPolicyOptions options, Scorer scorer)
+      : OldPolicy(Unchecked{}, std::move(live), recompute_only_options(options),
+                  std::move(scorer)) {}
 
   /// Starts a global batch of mini_batches.size() optimizer steps. Recompute
   /// runs one no-grad pass per mini-batch (mini-batch 0 is deferred when
@@ -148,6 +214,18 @@ class OldPolicy {
   /// \throws c10::Error if mini_batches is empty or a scorer result is
   ///         invalid.
   void begin_global_batch(const std::vector<Batch>& mini_batches);
+
+  /// begin_global_batch for a run with an SFT warm-up: mini-batch i is
+  /// optimizer step steps() + i, and the ones that `phases` puts in the
+  /// warm-up (TrainingObjective::Sft) use no old log-probs, so Recompute
+  /// runs no no-grad pass for them, and old() refuses them. A global batch
+  /// that straddles the end of the warm-up computes the old log-probs of
+  /// its PSFT mini-batches as usual, from the weights the global batch
+  /// starts from. Needs after_optimizer_step() after every optimizer step,
+  /// warm-up ones included, so that steps() is the loop's step.
+  /// \throws c10::Error as begin_global_batch, or for a negative
+  ///         phases.sft_steps.
+  void begin_global_batch(const std::vector<Batch>& mini_batches, const SftWarmupSchedule& phases);
 
   /// Old log-probs (detached, fp32) and old entropy (undefined if the scorer
   /// gives none) of mini-batch `index` of the current global batch.
@@ -161,8 +239,11 @@ class OldPolicy {
   ///                it apart from a shape check. May be empty.
   /// \throws c10::Error naming the argument for an index out of range, a
   ///         call before begin_global_batch, a current whose shape differs
-  ///         from the cached one, or Recompute's mini-batch 0 requested
-  ///         after the global batch's first optimizer step without a cache.
+  ///         from the cached one, a Recompute batch whose labels' shape
+  ///         differs from the cached old log-probs' (not the mini-batch
+  ///         given to begin_global_batch at that index), a mini-batch of the
+  ///         SFT warm-up, or Recompute's mini-batch 0 requested after the
+  ///         global batch's first optimizer step without a cache.
   TokenLogprobs old(std::int64_t index, const Batch& batch, const TokenLogprobs& current = {});
 
   /// old(index, batch, {current_logp}).logp.
@@ -181,13 +262,25 @@ class OldPolicy {
   std::int64_t mini_batch_count() const { return mini_batch_count_; }
   /// Optimizer steps taken in the current global batch.
   std::int64_t steps_in_global_batch() const { return steps_in_global_batch_; }
+  /// Whether mini-batch `index` of the current global batch uses old
+  /// log-probs: false for the SFT warm-up's mini-batches (see
+  /// begin_global_batch with a schedule), true otherwise.
+  /// \throws c10::Error if index is out of range.
+  bool needs_old(std::int64_t index) const;
   /// The options given at construction.
   const OldPolicyOptions& options() const { return options_; }
   /// The live module.
   const ModuleHolder& live() const { return live_; }
   /// The frozen copy (Snapshot and Ema).
   /// \throws c10::Error for Recompute, which keeps no copy.
-  const ModuleHolder& frozen() const;
+  const ModuleHolder& frozen() const {
+    static_assert(is_cloneable_module_v<ModuleHolder>,
+                  "psft::OldPolicy::frozen: a module that is not a torch::nn::Cloneable has no "
+                  "frozen copy (only Recompute is possible)");
+    TORCH_CHECK(frozen_.has_value(),
+                "psft::OldPolicy::frozen: the Recompute strategy keeps no frozen copy");
+    return *frozen_;
+  }
 
   /// Writes the state: counters, the cached old log-probs and entropy of the
   /// global batch in progress (Recompute), the frozen copy (Snapshot, Ema).
@@ -200,6 +293,10 @@ class OldPolicy {
   void load(torch::serialize::InputArchive& archive);
 
  private:
+  struct Unchecked {};
+  OldPolicy(Unchecked, ModuleHolder live, OldPolicyOptions options, Scorer scorer);
+  static OldPolicyOptions recompute_only_options(const OldPolicyOptions& options);
+  void start(const std::vector<Batch>& mini_batches, std::vector<bool> needs_old);
   at::Tensor as_old(const at::Tensor& t) const;
   TokenLogprobs score_no_grad(ModuleHolder& module, const Batch& batch) const;
   void copy_live_into_frozen();
@@ -215,6 +312,8 @@ class OldPolicy {
   std::int64_t steps_in_global_batch_ = 0;
   std::vector<at::Tensor> cached_logp_;
   std::vector<at::Tensor> cached_entropy_;
+  // Per mini-batch of the current global batch: false in the SFT warm-up.
+  std::vector<bool> needs_old_;
   bool warned_single_ = false;
 };
 
@@ -257,6 +356,14 @@ class TrainingModeGuard {
   bool was_training_ = true;
 };
 
+/// Whether Batch has an at::Tensor member `labels` (TokenBatch does): then
+/// OldPolicy can check a mini-batch against the cached old log-probs.
+template <typename Batch, typename = void>
+struct has_labels_tensor : std::false_type {};
+template <typename Batch>
+struct has_labels_tensor<Batch, std::void_t<decltype(std::declval<const Batch&>().labels)>>
+    : std::is_same<std::decay_t<decltype(std::declval<const Batch&>().labels)>, at::Tensor> {};
+
 inline const char* strategy_name(OldPolicyStrategy s) {
   switch (s) {
     case OldPolicyStrategy::Recompute:
@@ -272,32 +379,46 @@ inline const char* strategy_name(OldPolicyStrategy s) {
 }  // namespace detail
 
 template <typename ModuleHolder, typename Batch>
-OldPolicy<ModuleHolder, Batch>::OldPolicy(ModuleHolder live, OldPolicyOptions options,
+OldPolicyOptions OldPolicy<ModuleHolder, Batch>::recompute_only_options(
+    const OldPolicyOptions& options) {
+  TORCH_CHECK(
+      options.strategy == OldPolicyStrategy::Recompute,
+      "psft::OldPolicy(psft::recompute_only, ...): options.strategy must be Recompute, got ",
+      detail::strategy_name(options.strategy));
+  return options;
+}
+
+template <typename ModuleHolder, typename Batch>
+OldPolicy<ModuleHolder, Batch>::OldPolicy(Unchecked, ModuleHolder live, OldPolicyOptions options,
                                           Scorer scorer)
     : live_(std::move(live)), options_(options), scorer_(std::move(scorer)) {
   TORCH_CHECK(!live_.is_empty(), "psft::OldPolicy: live is an empty module holder");
   TORCH_CHECK(static_cast<bool>(scorer_), "psft::OldPolicy: scorer is an empty function");
+  TORCH_CHECK(options_.strategy == OldPolicyStrategy::Recompute ||
+                  options_.strategy == OldPolicyStrategy::Snapshot ||
+                  options_.strategy == OldPolicyStrategy::Ema,
+              "psft::OldPolicy: options.strategy must be Recompute, Snapshot or Ema, got the value ",
+              static_cast<int>(options_.strategy));
   TORCH_CHECK(options_.snapshot_interval >= 1,
               "psft::OldPolicy: options.snapshot_interval must be >= 1, got ",
               options_.snapshot_interval);
   TORCH_CHECK(options_.ema_decay >= 0.0 && options_.ema_decay <= 1.0,
               "psft::OldPolicy: options.ema_decay must be in [0, 1], got ", options_.ema_decay);
-  if (options_.strategy != OldPolicyStrategy::Recompute) {
-    // Note [Frozen copy]: clone() deep-copies parameters and buffers; the
-    // copy never needs gradients, so autograd does not track it.
-    std::shared_ptr<Impl> copy = std::dynamic_pointer_cast<Impl>(live_->clone());
-    TORCH_CHECK(copy != nullptr, "psft::OldPolicy: live->clone() did not return the module's type");
-    for (auto& p : copy->parameters()) p.set_requires_grad(false);
-    if (options_.eval_mode) copy->eval();
-    frozen_.emplace(std::move(copy));
+  // Only the Recompute-only constructor gets here with a module that is not
+  // Cloneable, and it has checked the strategy: no clone() is compiled for
+  // it (torch::nn::Module::clone() would throw at run time).
+  if constexpr (is_cloneable_module_v<ModuleHolder>) {
+    if (options_.strategy != OldPolicyStrategy::Recompute) {
+      // Note [Frozen copy]: clone() deep-copies parameters and buffers; the
+      // copy never needs gradients, so autograd does not track it.
+      std::shared_ptr<Impl> copy = std::dynamic_pointer_cast<Impl>(live_->clone());
+      TORCH_CHECK(copy != nullptr,
+                  "psft::OldPolicy: live->clone() did not return the module's type");
+      for (auto& p : copy->parameters()) p.set_requires_grad(false);
+      if (options_.eval_mode) copy->eval();
+      frozen_.emplace(std::move(copy));
+    }
   }
-}
-
-template <typename ModuleHolder, typename Batch>
-const ModuleHolder& OldPolicy<ModuleHolder, Batch>::frozen() const {
-  TORCH_CHECK(frozen_.has_value(),
-              "psft::OldPolicy::frozen: the Recompute strategy keeps no frozen copy");
-  return *frozen_;
 }
 
 template <typename ModuleHolder, typename Batch>
@@ -326,9 +447,28 @@ TokenLogprobs OldPolicy<ModuleHolder, Batch>::score_no_grad(ModuleHolder& module
 
 template <typename ModuleHolder, typename Batch>
 void OldPolicy<ModuleHolder, Batch>::begin_global_batch(const std::vector<Batch>& mini_batches) {
+  start(mini_batches, std::vector<bool>(mini_batches.size(), true));
+}
+
+template <typename ModuleHolder, typename Batch>
+void OldPolicy<ModuleHolder, Batch>::begin_global_batch(const std::vector<Batch>& mini_batches,
+                                                        const SftWarmupSchedule& phases) {
+  TORCH_CHECK(phases.sft_steps >= 0,
+              "psft::OldPolicy::begin_global_batch: phases.sft_steps must be >= 0, got ",
+              phases.sft_steps);
+  std::vector<bool> needs_old(mini_batches.size());
+  for (std::size_t i = 0; i < needs_old.size(); ++i) {
+    needs_old[i] = !phases.in_warmup(steps_ + static_cast<std::int64_t>(i));
+  }
+  start(mini_batches, std::move(needs_old));
+}
+
+template <typename ModuleHolder, typename Batch>
+void OldPolicy<ModuleHolder, Batch>::start(const std::vector<Batch>& mini_batches,
+                                           std::vector<bool> needs_old) {
   const auto count = static_cast<std::int64_t>(mini_batches.size());
   TORCH_CHECK(count > 0, "psft::OldPolicy::begin_global_batch: mini_batches is empty");
-  if (options_.strategy == OldPolicyStrategy::Recompute && count == 1 &&
+  if (options_.strategy == OldPolicyStrategy::Recompute && count == 1 && needs_old[0] &&
       options_.warn_single_mini_batch && !warned_single_) {
     warned_single_ = true;
     TORCH_WARN(
@@ -341,12 +481,23 @@ void OldPolicy<ModuleHolder, Batch>::begin_global_batch(const std::vector<Batch>
   ++global_batches_;
   cached_logp_.assign(static_cast<std::size_t>(count), at::Tensor());
   cached_entropy_.assign(static_cast<std::size_t>(count), at::Tensor());
+  needs_old_ = std::move(needs_old);
   if (options_.strategy != OldPolicyStrategy::Recompute) return;
   for (std::int64_t i = options_.reuse_first_forward ? 1 : 0; i < count; ++i) {
-    TokenLogprobs o = score_no_grad(live_, mini_batches[static_cast<std::size_t>(i)]);
-    cached_logp_[static_cast<std::size_t>(i)] = o.logp;
-    cached_entropy_[static_cast<std::size_t>(i)] = o.entropy;
+    const auto k = static_cast<std::size_t>(i);
+    if (!needs_old_[k]) continue;  // an SFT warm-up step: no old log-probs
+    TokenLogprobs o = score_no_grad(live_, mini_batches[k]);
+    cached_logp_[k] = o.logp;
+    cached_entropy_[k] = o.entropy;
   }
+}
+
+template <typename ModuleHolder, typename Batch>
+bool OldPolicy<ModuleHolder, Batch>::needs_old(std::int64_t index) const {
+  TORCH_CHECK(index >= 0 && index < mini_batch_count_,
+              "psft::OldPolicy::needs_old: index must be in [0, ", mini_batch_count_, "), got ",
+              index);
+  return needs_old_[static_cast<std::size_t>(index)];
 }
 
 template <typename ModuleHolder, typename Batch>
@@ -356,9 +507,12 @@ TokenLogprobs OldPolicy<ModuleHolder, Batch>::old(std::int64_t index, const Batc
               "psft::OldPolicy::old: call begin_global_batch before asking for old log-probs");
   TORCH_CHECK(index >= 0 && index < mini_batch_count_,
               "psft::OldPolicy::old: index must be in [0, ", mini_batch_count_, "), got ", index);
+  const auto i = static_cast<std::size_t>(index);
+  TORCH_CHECK(needs_old_[i], "psft::OldPolicy::old: mini-batch ", index, " (optimizer step ",
+              steps_ - steps_in_global_batch_ + index,
+              ") is in the SFT warm-up, so begin_global_batch computed no old log-probs for it");
   TokenLogprobs out;
   if (options_.strategy == OldPolicyStrategy::Recompute) {
-    const auto i = static_cast<std::size_t>(index);
     if (!cached_logp_[i].defined()) {
       // Only mini-batch 0 with reuse_first_forward gets here.
       TORCH_CHECK(steps_in_global_batch_ == 0,
@@ -378,6 +532,18 @@ TokenLogprobs OldPolicy<ModuleHolder, Batch>::old(std::int64_t index, const Batc
     }
     out.logp = cached_logp_[i];
     out.entropy = cached_entropy_[i];
+    if constexpr (detail::has_labels_tensor<Batch>::value) {
+      // The cache is by index: a mini-batch other than the one cached (a
+      // loop that shuffled, or re-ran begin_global_batch on other data)
+      // would silently get another batch's old log-probs. Its shape is the
+      // check that costs nothing.
+      const at::Tensor& labels = batch.labels;
+      TORCH_CHECK(!labels.defined() || labels.sizes() == out.logp.sizes(),
+                  "psft::OldPolicy::old: batch (mini-batch ", index, ") has labels of shape ",
+                  labels.sizes(), " but the old log-probs cached for mini-batch ", index,
+                  " have shape ", out.logp.sizes(),
+                  ": pass the mini-batch given to begin_global_batch at that index");
+    }
   } else {
     out = score_no_grad(*frozen_, batch);
   }
@@ -449,6 +615,7 @@ void OldPolicy<ModuleHolder, Batch>::save(torch::serialize::OutputArchive& archi
   archive.write("steps_in_global_batch", c10::IValue(steps_in_global_batch_));
   for (std::size_t i = 0; i < cached_logp_.size(); ++i) {
     const std::string key = "cache." + std::to_string(i) + ".";
+    archive.write(key + "needed", c10::IValue(static_cast<bool>(needs_old_[i])));
     archive.write(key + "has_logp", c10::IValue(cached_logp_[i].defined()));
     if (cached_logp_[i].defined()) archive.write(key + "logp", cached_logp_[i], /*is_buffer=*/true);
     archive.write(key + "has_entropy", c10::IValue(cached_entropy_[i].defined()));
@@ -480,9 +647,12 @@ void OldPolicy<ModuleHolder, Batch>::load(torch::serialize::InputArchive& archiv
   steps_in_global_batch_ = read_int("steps_in_global_batch");
   cached_logp_.assign(static_cast<std::size_t>(mini_batch_count_), at::Tensor());
   cached_entropy_.assign(static_cast<std::size_t>(mini_batch_count_), at::Tensor());
+  needs_old_.assign(static_cast<std::size_t>(mini_batch_count_), true);
   for (std::size_t i = 0; i < cached_logp_.size(); ++i) {
     const std::string key = "cache." + std::to_string(i) + ".";
     c10::IValue flag;
+    // Archives written before the SFT warm-up skip have no "needed": true.
+    if (archive.try_read(key + "needed", flag)) needs_old_[i] = flag.toBool();
     archive.read(key + "has_logp", flag);
     if (flag.toBool()) archive.read(key + "logp", cached_logp_[i], /*is_buffer=*/true);
     archive.read(key + "has_entropy", flag);
