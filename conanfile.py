@@ -26,7 +26,7 @@ import re
 
 from conan import ConanFile
 from conan.tools.cmake import CMake, CMakeToolchain, cmake_layout
-from conan.tools.files import load
+from conan.tools.files import copy, load
 
 required_conan_version = ">=2.0"
 
@@ -34,10 +34,11 @@ required_conan_version = ">=2.0"
 class PsftConan(ConanFile):
     name = "psft"
     description = "Proximal Supervised Fine-Tuning (PSFT) losses for LibTorch, header-only"
+    license = "Apache-2.0"
     topics = ("pytorch", "libtorch", "fine-tuning", "reinforcement-learning", "header-only")
     package_type = "header-library"
     settings = "os", "arch", "compiler", "build_type"
-    exports_sources = "CMakeLists.txt", "cmake/*", "include/*"
+    exports_sources = "CMakeLists.txt", "cmake/*", "include/*", "LICENSE"
     no_copy_source = True
 
     def set_version(self):
@@ -83,6 +84,7 @@ class PsftConan(ConanFile):
     def package(self):
         cmake = CMake(self)
         cmake.install()
+        copy(self, "LICENSE", src=self.source_folder, dst=os.path.join(self.package_folder, "licenses"))
 
     def package_info(self):
         self.cpp_info.bindirs = []

@@ -25,6 +25,11 @@
 #   notebooks scripts/check-notebooks.sh: the code cells of each
 #             examples/notebooks/*.ipynb compiled with g++ and run
 #             (build/notebooks)
+#   peers     scripts/check-peers.sh: psft's numbers against the real verl
+#             0.9.1 and TRL 1.16.0 from PyPI (installed into the tools
+#             environment with --no-deps, only what is missing), through a
+#             test-only Python extension cached in build/peers;
+#             PSFT_SKIP_PEERS=1 leaves it out
 #   format    clang-format --dry-run --Werror over include/ tests/
 #             benchmarks/ examples/ test_package/
 #
@@ -169,6 +174,12 @@ fi
 if [ "${PSFT_SKIP_NOTEBOOKS:-0}" != 1 ]; then
   begin notebooks
   PSFT_JOBS="$jobs" ./scripts/check-notebooks.sh
+  end
+fi
+
+if [ "${PSFT_SKIP_PEERS:-0}" != 1 ]; then
+  begin peers
+  ./scripts/check-peers.sh
   end
 fi
 

@@ -172,9 +172,12 @@ TEST_CASE("core: the log-ratio clamp and its gradient gate at the bounds", "[cor
   CHECK(clamp_log_ratio(-30.0, 20.0) == -20.0);
   CHECK(clamp_log_ratio(20.0, 20.0) == 20.0);
   CHECK(clamp_log_ratio(-3.5, 20.0) == -3.5);
-  // Like torch.clamp's backward, the bounds themselves pass the gradient.
-  CHECK(log_ratio_in_range(20.0, 20.0));
-  CHECK(log_ratio_in_range(-20.0, 20.0));
+  // Like torch.clamp's backward since torch 2.14, the bounds themselves pass
+  // no gradient; just inside them it flows.
+  CHECK_FALSE(log_ratio_in_range(20.0, 20.0));
+  CHECK_FALSE(log_ratio_in_range(-20.0, 20.0));
+  CHECK(log_ratio_in_range(std::nextafter(20.0, 0.0), 20.0));
+  CHECK(log_ratio_in_range(std::nextafter(-20.0, 0.0), 20.0));
   CHECK_FALSE(log_ratio_in_range(std::nextafter(20.0, kInf), 20.0));
   CHECK_FALSE(log_ratio_in_range(std::nextafter(-20.0, -kInf), 20.0));
   CHECK_FALSE(log_ratio_in_range(kNaN, 20.0));
@@ -246,7 +249,10 @@ TEST_CASE("core: PSFT (A = 1) is -min(r, 1 + eps_high); eps_low and the dual cli
       const double r = std::exp(std::min(20.0, std::max(-20.0, exact_d)));
       const double hi = 1.0 + 0.28;
       CHECK(t.loss == -std::min(r, hi));
-      CHECK(t.grad == (r <= hi && std::fabs(exact_d) <= 20.0 ? -r : 0.0));
+      // Ties at a clip bound get half (Note [Gradient at the bounds]).
+      const double lo = 1.0 - eps_low;
+      const double slope = r > hi ? 0.0 : (r == hi || r == lo ? 0.5 : 1.0);
+      CHECK(t.grad == (std::fabs(exact_d) < 20.0 ? -r * slope : 0.0));
       CHECK(t.clipped_high == (r > hi));
       CHECK_FALSE(t.clipped_dual);
       CHECK_FALSE(t.clipped_low);
@@ -315,7 +321,11 @@ TEST_CASE("core: reduce_rows gives verl's aggregations with stated values", "[co
       {psft::Reduction::SeqMeanTokenMean,
        (1.0 - 1.0 + 1.0) / 3.0,
        {1 / 6.0, 1 / 3.0, 0.0, 1 / 9.0}},
-      {psft::Reduction::SeqMeanTokenSumNorm, 4.0 / 5.0, {0.2, 0.2, 0.2, 0.2}},
+      {psft::Reduction::SeqMeanTokenSumNorm,
+       4.0 / 3.0 / 5.0,
+       {1 / 15.0, 1 / 15.0, 1 / 15.0, 1 / 15.0}},
+      {psft::Reduction::TokenSum, 4.0, {1.0, 1.0, 1.0, 1.0}},
+      {psft::Reduction::TokenSumNorm, 4.0 / 5.0, {0.2, 0.2, 0.2, 0.2}},
   };
   for (const Expected& c : cases) {
     INFO(name_of(c.reduction));
@@ -326,16 +336,19 @@ TEST_CASE("core: reduce_rows gives verl's aggregations with stated values", "[co
     CHECK(out.loss == Approx(c.loss).epsilon(1e-15));
     for (int r = 0; r < 4; ++r) CHECK(row_scale[r] == Approx(c.scale[r]).epsilon(1e-15).margin(0));
 
-    // World size 2 and global counts twice the local ones: the same loss.
+    // World size 2 and global counts twice the local ones: the same loss
+    // (TokenSum has no count: each rank's sum is doubled, so that DDP's
+    // average is the global sum; TokenSumNorm's C is doubled by hand).
     psft::Normaliser n;
     n.tokens = 12.0;
     n.sequences = 6.0;
     n.world_size = 2;
     o.normaliser = n;
-    o.norm_constant = 10.0;
+    if (c.reduction == psft::Reduction::TokenSumNorm) o.norm_constant = 10.0;
     out = psft::core::reduce_rows(o, 4, 5, row_loss, row_tokens, row_scale);
     CHECK(out.error.empty());
-    CHECK(out.loss == Approx(c.loss).epsilon(1e-15));
+    CHECK(out.loss ==
+          Approx(c.reduction == psft::Reduction::TokenSum ? 2 * c.loss : c.loss).epsilon(1e-15));
   }
 
   psft::LossOptions o;
@@ -357,12 +370,14 @@ TEST_CASE("core: reduce_rows gives verl's aggregations with stated values", "[co
   for (psft::Reduction r : kReductions) {
     psft::LossOptions e;
     e.reduction = r;
-    const auto z = psft::core::reduce_rows(e, 2, r == psft::Reduction::SeqMeanTokenSumNorm ? 0 : 3,
-                                           zeros, zeros, scale2);
+    const auto z = psft::core::reduce_rows(e, 2, r == psft::Reduction::TokenSumNorm ? 0 : 3, zeros,
+                                           zeros, scale2);
     CHECK(z.error.empty());
     CHECK(z.loss == 0.0);
-    CHECK(scale2[0] == 0.0);
-    CHECK(scale2[1] == 0.0);
+    // TokenSum's scale is D whatever the counts; the gradient is still 0.
+    const double want = r == psft::Reduction::TokenSum ? 1.0 : 0.0;
+    CHECK(scale2[0] == want);
+    CHECK(scale2[1] == want);
   }
 }
 
@@ -409,9 +424,14 @@ TEST_CASE("core: option validation names the offending option", "[core]") {
   o.norm_constant = 0.0;
   CHECK_THAT(psft::core::loss_options_error(o, 2), Catch::Contains("norm_constant"));
   o.norm_constant.reset();
-  o.reduction = psft::Reduction::SeqMeanTokenSumNorm;
+  o.reduction = psft::Reduction::TokenSumNorm;
   o.normaliser = psft::Normaliser{};  // C is a constant: no count needed
   CHECK(psft::core::loss_options_error(o, 2).empty());
+  CHECK(psft::core::loss_options_error(o, 1).empty());  // and no sequences
+  o.reduction = psft::Reduction::SeqMeanTokenSumNorm;   // verl 0.9.1: sum / S / C
+  CHECK_THAT(psft::core::loss_options_error(o, 2), Catch::Contains("normaliser.sequences"));
+  o.clip.delta = 1.2;  // not above 1 + eps_high = 1.28
+  CHECK_THAT(psft::core::loss_options_error(o, 2), Catch::Contains("clip.delta"));
 }
 
 TEST_CASE("core: Normaliser += adds the counts of the parts of a step", "[core]") {
@@ -483,9 +503,9 @@ TEST_CASE("eigen::policy_loss in float matches the reference on the same inputs"
       run_reference(b, o), 5, 64, 1e-5);
 }
 
-TEST_CASE("eigen: log-ratios of +-30 are clamped to +-20, the bounds pass gradient", "[eigen]") {
-  // Columns: d = 30, -30, 20, -20, 20.5, -20.5, 0, 25 (old = -5, so logp is exact).
-  const double d[] = {30.0, -30.0, 20.0, -20.0, 20.5, -20.5, 0.0, 25.0};
+TEST_CASE("eigen: log-ratios of +-30 are clamped to +-20, the bounds pass no gradient", "[eigen]") {
+  // Columns: d = 30, -30, 20, -20, 20.5, -20.5, 0, 19.5 (old = -5, so logp is exact).
+  const double d[] = {30.0, -30.0, 20.0, -20.0, 20.5, -20.5, 0.0, 19.5};
   Array<double> logp(2, 8), old(2, 8), adv(2, 8), mask(2, 8);
   for (int c = 0; c < 8; ++c) {
     old(0, c) = old(1, c) = -5.0;
@@ -504,15 +524,14 @@ TEST_CASE("eigen: log-ratios of +-30 are clamped to +-20, the bounds pass gradie
     CHECK(std::isfinite(got.loss));
     CHECK(got.metrics.ratio_max == std::exp(20.0));
     CHECK(got.metrics.ratio_min == std::exp(-20.0));
-    // Beyond the clamp: no gradient; at the bound: the full -A r (A < 0 row).
-    for (int c : {0, 1, 4, 5, 7}) {
+    // At and beyond the clamp's bounds: no gradient (torch >= 2.14); inside,
+    // the full -A r (A < 0 row).
+    for (int c : {0, 1, 2, 3, 4, 5}) {
       CHECK(got.grad(0, c) == 0.0);
       CHECK(got.grad(1, c) == 0.0);
     }
-    CHECK(got.grad(0, 2) != 0.0);  // A < 0 with d = 20: the bound passes gradient
-    CHECK(got.grad(1, 3) != 0.0);  // A > 0 with d = -20: likewise
-    CHECK(got.grad(0, 3) == 0.0);  // A < 0 with r = e^-20: the lower clip binds
-    CHECK(got.grad(1, 2) == 0.0);  // A > 0 with r = e^20: the upper clip binds
+    CHECK(got.grad(0, 7) != 0.0);  // A < 0 with d = 19.5: inside the clamp
+    CHECK(got.grad(1, 7) == 0.0);  // A > 0 with r = e^19.5: the upper clip binds
   }
 }
 

@@ -666,11 +666,18 @@ TEST_CASE("-inf logits: finite entropy, zero gradient there, logp -inf at a -inf
       require_close(to_vec(out.logp), s.logp, value_tol(dtype), "logp");
       require_close(to_vec(out.entropy), s.entropy, value_tol(dtype), "entropy");
 
-      // Through the loss: the -inf token has ratio e^-20 (clamped log-ratio),
-      // a constant, so no gradient and no NaN anywhere.
+      // Through the loss: a scored token of probability 0 is an error under
+      // check_finite (its logp is -inf, as an old_logp of -inf would be).
+      // Unchecked, it has ratio e^-20 (clamped log-ratio), a constant, so no
+      // gradient and no NaN anywhere.
       const at::Tensor old_logp = at::zeros({N}, at::kFloat);
+      CHECK_THROWS_WITH(
+          psft::psft_loss_from_logits(logits, labels, old_logp, {}, logits_options(backend)),
+          Catch::Contains("logp has NaN or Inf"));
+      psft::LossOptions unchecked;
+      unchecked.check_finite = false;
       const psft::LogitsLossResult loss =
-          psft::psft_loss_from_logits(logits, labels, old_logp, {}, logits_options(backend));
+          psft::psft_loss_from_logits(logits, labels, old_logp, unchecked, logits_options(backend));
       CHECK(std::isfinite(scalar(loss.loss)));
       CHECK(scalar(loss.metrics.ratio_min) == Approx(std::exp(-20.0)).epsilon(1e-5));
       loss.loss.backward();

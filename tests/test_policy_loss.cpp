@@ -42,6 +42,8 @@
 #include <string>
 #include <vector>
 
+#include "psft/compat/trl.hpp"
+#include "psft/compat/verl.hpp"
 #include "psft/psft.hpp"
 #include "reference/clipped_reference.hpp"
 #include "support/reductions.hpp"
@@ -275,8 +277,7 @@ TEST_CASE("policy_loss matches the reference for every backend, reduction and du
           "[policy_loss]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
   const psft::Reduction reduction =
-      GENERATE(psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-               psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm);
+      GENERATE(from_range(std::begin(kReductions), std::end(kReductions)));
   const double dual = GENERATE(0.0, 3.0, 10.0);
   const MaskKind mask = GENERATE(MaskKind::Bool, MaskKind::Weights, MaskKind::None);
   BACKEND_INFO(backend);
@@ -304,6 +305,17 @@ TEST_CASE("policy_loss matches the reference for every backend, reduction and du
     n.world_size = 4;
     o.normaliser = n;
     o.norm_constant = 64.0;
+    check_against_reference(call(in, o), in.logp, run_reference(in, o),
+                            tolerance_for(torch::kDouble));
+  }
+  SECTION("TRL's delta bounds the unclipped ratio") {
+    o.clip.delta = 1.6;
+    const reference::Result with_delta = run_reference(in, o);
+    check_against_reference(call(in, o), in.logp, with_delta, tolerance_for(torch::kDouble));
+    CHECK(with_delta.loss != e.loss);  // the draw has A < 0 tokens with r > delta
+  }
+  SECTION("empty rows counted in S (TRL grpo, verl global_batch_size)") {
+    o.count_empty_sequences = true;
     check_against_reference(call(in, o), in.logp, run_reference(in, o),
                             tolerance_for(torch::kDouble));
   }
@@ -421,14 +433,14 @@ TEST_CASE("psft_loss is the clipped objective with A = 1", "[psft_loss]") {
   }
 }
 
-TEST_CASE("log-ratios of +-30 are clamped; the bounds +-20 pass gradient", "[policy_loss]") {
+TEST_CASE("log-ratios of +-30 are clamped; the bounds +-20 pass no gradient", "[policy_loss]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
   const torch::Dtype dtype = GENERATE(torch::kDouble, torch::kFloat);
   BACKEND_INFO(backend);
   INFO(dtype);
   // old = -5 and integral log-ratios: every value is exact in float.
   const Tensor d =
-      torch::tensor({30.0, -30.0, 20.0, -20.0, 21.0, -21.0, 0.0, 25.0}, torch::kDouble);
+      torch::tensor({30.0, -30.0, 20.0, -20.0, 21.0, -21.0, 0.0, 19.5}, torch::kDouble);
   const Tensor old = torch::full({2, 8}, -5.0, torch::kDouble).to(dtype);
   Inputs in;
   in.logp = (old.to(torch::kDouble) + d).to(dtype).requires_grad_();
@@ -443,14 +455,14 @@ TEST_CASE("log-ratios of +-30 are clamped; the bounds +-20 pass gradient", "[pol
     CHECK(item(r.metrics.ratio_max) == Approx(std::exp(20.0)).epsilon(1e-6));
     CHECK(item(r.metrics.ratio_min) == Approx(std::exp(-20.0)).epsilon(1e-6));
     const Tensor g = grad_of(call(in, o).loss, in.logp);
-    for (int c : {0, 1, 4, 5, 7}) {  // clamped: no gradient
+    // Clamped, or exactly at a bound: no gradient (torch.clamp's backward
+    // since torch 2.14, Note [Gradient at the bounds]).
+    for (int c : {0, 1, 2, 3, 4, 5}) {
       CHECK(g[0][c].item<double>() == 0.0);
       CHECK(g[1][c].item<double>() == 0.0);
     }
-    CHECK(g[0][2].item<double>() > 0.0);   // A < 0, d = 20: the bound passes gradient
-    CHECK(g[1][3].item<double>() < 0.0);   // A > 0, d = -20: likewise
-    CHECK(g[0][3].item<double>() == 0.0);  // A < 0, r = e^-20: the lower clip binds
-    CHECK(g[1][2].item<double>() == 0.0);  // A > 0, r = e^20: the upper clip binds
+    CHECK(g[0][7].item<double>() > 0.0);   // A < 0, d = 19.5: inside the clamp
+    CHECK(g[1][7].item<double>() == 0.0);  // A > 0, r = e^19.5: the upper clip binds
   }
 }
 
@@ -886,6 +898,28 @@ TEST_CASE("masked positions with NaN or Inf in old_logp and advantages are ignor
   }
 }
 
+TEST_CASE("exact ties at a clip bound get half the gradient, as torch autograd gives",
+          "[policy_loss]") {
+  // eps 0 and r = 1: L1 == L2 with the clip at its bound. torch.maximum sends
+  // half the gradient to each side and (torch >= 2.14) the clamp passes none
+  // at its bound, so d l / d logp = -A / 2 (Note [Gradient at the bounds]).
+  const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
+  BACKEND_INFO(backend);
+  Inputs in;
+  const Tensor old = torch::full({2, 16}, -1.5, torch::kDouble);
+  in.logp = old.clone().requires_grad_();
+  in.old_logp = old;
+  in.advantages = torch::tensor({1.0, -2.0}, torch::kDouble);
+  psft::LossOptions o = options(backend, psft::Reduction::TokenSum);
+  o.clip.eps_low = 0.0;
+  o.clip.eps_high = 0.0;
+  check_against_reference(call(in, o), in.logp, run_reference(in, o),
+                          tolerance_for(torch::kDouble));
+  const Tensor g = grad_of(call(in, o).loss, in.logp);
+  CHECK(g[0][3].item<double>() == -0.5);
+  CHECK(g[1][3].item<double>() == 1.0);
+}
+
 TEST_CASE("logp == old_logp (lr = 0): ratio exactly 1, nothing clipped", "[policy_loss]") {
   const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
   const torch::Dtype dtype = GENERATE(torch::kFloat, torch::kBFloat16, torch::kHalf);
@@ -1063,7 +1097,9 @@ TEST_CASE("bad inputs raise c10::Error naming the argument", "[policy_loss][erro
     REQUIRE_ERROR_NAMING(loss(torch::randint(0, 3, {3, 5}), old, adv, mask, o), ": logp must");
     REQUIRE_ERROR_NAMING(loss(logp, old.to(torch::kInt), adv, mask, o), "old_logp");
     REQUIRE_ERROR_NAMING(loss(logp, old, adv.to(torch::kLong), mask, o), "advantages");
-    REQUIRE_ERROR_NAMING(loss(logp, old, adv, mask.to(torch::kInt), o), "mask");
+    // Integer masks must be 0/1 (an int 0/1 mask is accepted, test_robustness).
+    REQUIRE_ERROR_NAMING(loss(logp, old, adv, mask.to(torch::kInt) * 3, o), "mask");
+    REQUIRE_ERROR_NAMING(loss(logp, old, adv, mask.to(torch::kComplexFloat), o), "mask");
   }
   SECTION("shapes") {
     REQUIRE_ERROR_NAMING(
@@ -1149,4 +1185,189 @@ TEST_CASE("inputs on another device are rejected (needs CUDA)", "[policy_loss][c
   REQUIRE_THROWS_WITH(
       psft::policy_loss(in.logp, in.old_logp, in.advantages, in.mask.to(torch::kCUDA)),
       Catch::Contains("mask"));
+}
+
+// ---------------------------------------------------------------------------
+// compat/: the peers' settings. scripts/check-peers.sh compares with their
+// real code; these pin the formulas of docs/parameters.md with closed forms.
+
+namespace {
+
+/// sum(m l) of the batch: what every reduction scales.
+double masked_sum(const Tensor& logp, const Tensor& old_logp, const Tensor& adv, const Tensor& mask,
+                  const psft::ClipOptions& clip) {
+  psft::LossOptions sum;
+  sum.clip = clip;
+  sum.reduction = psft::Reduction::TokenSum;
+  return psft::policy_loss(logp, old_logp, adv, mask, sum).loss.item<double>();
+}
+
+double loss_item(const psft::LossResult& r) { return r.loss.item<double>(); }
+
+}  // namespace
+
+TEST_CASE("compat::verl: every loss_agg_mode with and without global batch info",
+          "[compat][verl]") {
+  torch::manual_seed(5);
+  // B = 4, T = 16; row 2 empty.
+  const Tensor logp = -torch::rand({4, 16}, torch::kDouble) * 3;
+  const Tensor old_logp = logp + 0.3 * torch::randn({4, 16}, torch::kDouble);
+  const Tensor adv = torch::randn({4, 1}, torch::kDouble);
+  Tensor mask = torch::rand({4, 16}) < 0.7;
+  mask[2].fill_(false);
+  psft::compat::verl::ActorSettings actor;
+  const double sum =
+      masked_sum(logp, old_logp, adv, mask, psft::compat::verl::loss_options(actor).clip);
+  const double tokens = mask.sum().item<double>();
+  const auto loss = [&](const psft::LossOptions& o) {
+    return loss_item(psft::policy_loss(logp, old_logp, adv, mask, o));
+  };
+  // Local path: N and S (non-empty rows) from the micro-batch.
+  CHECK(loss(psft::compat::verl::loss_options(actor)) == Approx(sum / tokens).epsilon(1e-12));
+  actor.loss_agg_mode = "token-sum";
+  CHECK(loss(psft::compat::verl::loss_options(actor)) == Approx(sum).epsilon(1e-12));
+  actor.loss_agg_mode = "seq-mean-token-sum";
+  CHECK(loss(psft::compat::verl::loss_options(actor)) == Approx(sum / 3).epsilon(1e-12));
+  // verl 0.9.1 seq-mean-token-sum-norm: sum / S / C (psft used to give
+  // sum / C, 5x verl's with S = 5 global rows). C defaults to the mask width.
+  actor.loss_agg_mode = "seq-mean-token-sum-norm";
+  CHECK(loss(psft::compat::verl::loss_options(actor)) == Approx(sum / 3 / 16).epsilon(1e-12));
+  psft::compat::verl::GlobalBatchInfo info;
+  info.global_batch_size = 5;
+  CHECK(loss(psft::compat::verl::loss_options(actor, info)) == Approx(sum / 5 / 16).epsilon(1e-12));
+  actor.loss_scale_factor = 32;
+  info.dp_size = 2;
+  CHECK(loss(psft::compat::verl::loss_options(actor, info)) ==
+        Approx(sum / 5 / 32 * 2).epsilon(1e-12));
+  // global_batch_size counts the empty row: with 8 rows over micro-batches of
+  // 4, the micro-batch losses add up to the full sum / 8 (not / 7).
+  actor = {};
+  actor.loss_agg_mode = "seq-mean-token-sum";
+  info = {};
+  info.global_batch_size = 8;
+  CHECK(loss(psft::compat::verl::loss_options(actor, info)) == Approx(sum / 8).epsilon(1e-12));
+  actor.loss_agg_mode = "token-mean";
+  info = {};
+  info.batch_num_tokens = 100;
+  info.dp_size = 4;
+  CHECK(loss(psft::compat::verl::loss_options(actor, info)) ==
+        Approx(sum / 100 * 4).epsilon(1e-12));
+
+  // The clip settings and the PSFT recipe.
+  actor = {};
+  actor.clip_ratio = 0.1;
+  actor.clip_ratio_low.reset();
+  actor.clip_ratio_high = 0.3;
+  const psft::LossOptions o = psft::compat::verl::loss_options(actor);
+  CHECK(o.clip.eps_low == 0.1);
+  CHECK(o.clip.eps_high == 0.3);
+  CHECK(o.clip.dual_clip == 3.0);
+  const psft::LossOptions recipe = psft::compat::verl::psft_recipe();
+  CHECK(recipe.clip.eps_low == 0.2);
+  CHECK(recipe.clip.eps_high == 0.28);
+  CHECK(recipe.clip.dual_clip == 10.0);
+  CHECK(recipe.reduction == psft::Reduction::TokenMean);
+
+  // Refused, never ignored.
+  actor.loss_agg_mode = "seq-mean";
+  CHECK_THROWS_WITH(psft::compat::verl::loss_options(actor),
+                    Catch::Contains("loss_agg_mode") && Catch::Contains("seq-mean-token-sum-norm"));
+  actor = {};
+  actor.loss_scale_factor = 8;  // read by seq-mean-token-sum-norm only, as in verl
+  CHECK_FALSE(psft::compat::verl::loss_options(actor).norm_constant.has_value());
+  // verl's clip_ratio_low / _high default to 0.2; None (nullopt) takes clip_ratio.
+  actor.clip_ratio = 0.3;
+  CHECK(psft::compat::verl::loss_options(actor).clip.eps_high == 0.2);
+  actor.clip_ratio_low.reset();
+  actor.clip_ratio_high.reset();
+  CHECK(psft::compat::verl::loss_options(actor).clip.eps_low == 0.3);
+  CHECK(psft::compat::verl::loss_options(actor).clip.eps_high == 0.3);
+  actor = {};
+  actor.clip_ratio_c = 1.0;
+  CHECK_THROWS_WITH(psft::compat::verl::loss_options(actor), Catch::Contains("clip_ratio_c"));
+  info = {};
+  info.dp_size = 2;
+  CHECK_THROWS_WITH(psft::compat::verl::loss_options({}, info),
+                    Catch::Contains("batch_num_tokens"));
+}
+
+TEST_CASE("compat::trl: every GRPO loss_type with gradient accumulation, and SFT",
+          "[compat][trl]") {
+  torch::manual_seed(6);
+  // 6 rows, one empty (TRL's mask_truncated_completions), in 2 micro-batches of 3.
+  const Tensor logp = -torch::rand({6, 10}, torch::kDouble) * 3;
+  const Tensor old_logp = logp + 0.3 * torch::randn({6, 10}, torch::kDouble);
+  const Tensor adv = torch::randn({6}, torch::kDouble);
+  Tensor mask = torch::rand({6, 10}) < 0.7;
+  mask[4].fill_(false);
+  psft::compat::trl::GrpoSettings grpo;
+  grpo.epsilon_high = 0.28;
+  grpo.max_completion_length = 12;
+  const auto micro = [&](int k, const psft::LossOptions& o) {
+    return loss_item(psft::policy_loss(logp.narrow(0, 3 * k, 3), old_logp.narrow(0, 3 * k, 3),
+                                       adv.narrow(0, 3 * k, 3), mask.narrow(0, 3 * k, 3), o));
+  };
+  const auto options = [&](int k, std::int64_t ga) {
+    psft::compat::trl::GrpoBatch b;
+    b.completion_mask = mask.narrow(0, 3 * k, 3);
+    b.num_items_in_batch = mask.sum().item<double>();
+    b.gradient_accumulation_steps = ga;
+    return psft::compat::trl::grpo_loss_options(grpo, b);
+  };
+  psft::ClipOptions clip;
+  clip.eps_low = 0.2;
+  clip.eps_high = 0.28;
+  psft::LossOptions per_row;
+  per_row.clip = clip;
+  per_row.reduction = psft::Reduction::SeqMeanTokenMean;
+  per_row.count_empty_sequences = true;
+  // grpo: the mean over all 6 rows of each row's token mean, / GA.
+  grpo.loss_type = "grpo";
+  const double grpo_whole = loss_item(psft::policy_loss(logp, old_logp, adv, mask, per_row));
+  CHECK(micro(0, options(0, 2)) + micro(1, options(1, 2)) == Approx(grpo_whole).epsilon(1e-12));
+  per_row.count_empty_sequences = false;  // psft's default: 6/5 of TRL's grpo
+  CHECK(loss_item(psft::policy_loss(logp, old_logp, adv, mask, per_row)) ==
+        Approx(grpo_whole * 6 / 5).epsilon(1e-12));
+  // bnpo: each micro-batch's own token mean, / GA.
+  grpo.loss_type = "bnpo";
+  for (int k : {0, 1}) {
+    const Tensor m = mask.narrow(0, 3 * k, 3);
+    const double own = masked_sum(logp.narrow(0, 3 * k, 3), old_logp.narrow(0, 3 * k, 3),
+                                  adv.narrow(0, 3 * k, 3), m, clip) /
+                       m.sum().item<double>();
+    CHECK(micro(k, options(k, 2)) == Approx(own / 2).epsilon(1e-12));
+  }
+  // dr_grpo: sum / (B L_max) / GA.
+  grpo.loss_type = "dr_grpo";
+  const double sum0 = masked_sum(logp.narrow(0, 0, 3), old_logp.narrow(0, 0, 3),
+                                 adv.narrow(0, 0, 3), mask.narrow(0, 0, 3), clip);
+  CHECK(micro(0, options(0, 2)) == Approx(sum0 / (3 * 12) / 2).epsilon(1e-12));
+  // dapo: sum / num_items (one process, steps_per_generation = GA).
+  grpo.loss_type = "dapo";
+  CHECK(micro(0, options(0, 2)) == Approx(sum0 / mask.sum().item<double>()).epsilon(1e-12));
+  // delta bounds the unclipped ratio.
+  grpo.delta = 1.5;
+  CHECK(options(0, 1).clip.delta == 1.5);
+  grpo.delta = 1.1;  // not above 1 + epsilon_high: psft refuses it
+  CHECK_THROWS_WITH(micro(0, options(0, 1)), Catch::Contains("delta"));
+  grpo.delta.reset();
+  grpo.loss_type = "sapo";
+  CHECK_THROWS_WITH(options(0, 1), Catch::Contains("loss_type") && Catch::Contains("dr_grpo"));
+
+  // SFT: sum(l) / num_items x P.
+  psft::compat::trl::SftSettings sft;
+  CHECK(psft::compat::trl::sft_variant(sft) == psft::SftVariant::Nll);
+  sft.loss_type = "dft";
+  CHECK(psft::compat::trl::sft_variant(sft) == psft::SftVariant::Dft);
+  sft.num_processes = 2;
+  const psft::LossOptions s = psft::compat::trl::sft_loss_options(sft, 40.0);
+  CHECK(*s.normaliser->tokens == 40.0);
+  CHECK(s.normaliser->world_size == 2);
+  // Without num_items_in_batch, the Trainer divides by the accumulation steps.
+  sft.gradient_accumulation_steps = 4;
+  const psft::LossOptions local = psft::compat::trl::sft_loss_options(sft, {}, mask);
+  CHECK(*local.normaliser->tokens == mask.sum().item<double>() * 4);
+  CHECK_THROWS_WITH(psft::compat::trl::sft_loss_options(sft), Catch::Contains("mask"));
+  sft.loss_type = "chunked_nll";
+  CHECK_THROWS_WITH(psft::compat::trl::sft_variant(sft), Catch::Contains("loss_type"));
 }

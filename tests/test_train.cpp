@@ -32,6 +32,7 @@
 #include "psft/psft.hpp"
 #include "psft/train.hpp"
 #include "reference/sft_reference.hpp"
+#include "support/reductions.hpp"
 #include "support/reference_adapter.hpp"
 
 namespace {
@@ -828,9 +829,7 @@ double magnitude(const std::vector<double>& logp, const std::vector<double>& mas
   return m;
 }
 
-const psft::Reduction kReductions[] = {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum,
-                                       psft::Reduction::SeqMeanTokenMean,
-                                       psft::Reduction::SeqMeanTokenSumNorm};
+using test_support::kReductions;
 
 }  // namespace
 

@@ -40,4 +40,14 @@ inline Normaliser count_normaliser(const at::Tensor& mask) {
   return n;
 }
 
+/// count_normaliser counting sequences the way a loss with `opts` does:
+/// every row, empty ones included, when opts.count_empty_sequences (TRL's
+/// grpo, verl's global_batch_size), else the non-empty rows.
+inline Normaliser count_normaliser(const at::Tensor& mask, const LossOptions& opts) {
+  Normaliser n = count_normaliser(mask);
+  if (opts.count_empty_sequences)
+    n.sequences = static_cast<double>(mask.dim() == 2 ? mask.size(0) : 1);
+  return n;
+}
+
 PSFT_NAMESPACE_END

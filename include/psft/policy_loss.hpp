@@ -19,6 +19,7 @@
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
 #include "psft/core/options.hpp"
+#include "psft/core/reduction.hpp"
 #include "psft/detail/checks.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
 
@@ -133,9 +134,10 @@ namespace detail {
 
 inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at::Tensor& old_logp,
                                const at::Tensor& advantages, const at::Tensor& mask,
-                               const LossOptions& opts) {
+                               const LossOptions& user_opts) {
   const ClippedLossInputs in =
-      check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, opts);
+      check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, user_opts);
+  const LossOptions opts = core::resolve_sequence_count(user_opts, in.rows);
   const Backend backend = backend_for(logp, opts.backend);
   LossResult result;
   at::Tensor metrics;

@@ -126,9 +126,9 @@ inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
   const at::Tensor row_tokens_host = row_tokens.cpu().contiguous();
   std::vector<double> row_loss_unused(static_cast<std::size_t>(rows), 0.0);
   at::Tensor row_scale = at::empty({rows}, at::TensorOptions().dtype(at::kDouble));
-  const core::RowReduction reduced =
-      core::reduce_rows(opts, rows, cols, row_loss_unused.data(),
-                        row_tokens_host.data_ptr<double>(), row_scale.data_ptr<double>());
+  const core::RowReduction reduced = core::reduce_rows(
+      core::resolve_sequence_count(opts, rows), rows, cols, row_loss_unused.data(),
+      row_tokens_host.data_ptr<double>(), row_scale.data_ptr<double>());
   TORCH_CHECK(reduced.error.empty(), api, ": ", reduced.error);
 
   SftLossResult result;

@@ -6,12 +6,13 @@
 //
 // Per token, with d = logp - old_logp and B = log_ratio_clamp:
 //   r  = exp(clamp(d, -B, B))
-//   L1 = -A r,  L2 = -A clip(r, 1 - eps_low, 1 + eps_high),  L = max(L1, L2)
+//   L1 = -A min(r, delta) (TRL's delta; without it -A r)
+//   L2 = -A clip(r, 1 - eps_low, 1 + eps_high),  L = max(L1, L2)
 //   A < 0 with dual clip c:  L = min(L, -A c)
-// The gradient d L / d logp follows torch autograd's rules for that composed
-// expression: clamp passes the gradient iff its input lies inside the closed
-// interval; maximum / minimum send it to the larger / smaller argument and
-// half to each at a tie.
+// The gradient d L / d logp follows torch autograd's rules (torch >= 2.14)
+// for that composed expression: clamp passes the gradient iff its input lies
+// strictly inside its interval (0 at a bound); maximum / minimum send it to
+// the larger / smaller argument and half to each at a tie.
 
 #include <cmath>
 #include <cstddef>
@@ -23,14 +24,26 @@
 namespace reference {
 
 /// verl's loss_agg_mode values.
-enum class Aggregation { TokenMean, SeqMeanTokenSum, SeqMeanTokenMean, SeqMeanTokenSumNorm };
+/// verl 0.9.1's loss_agg_mode values (SeqMeanTokenSumNorm: sum / S / C * D),
+/// and TokenSumNorm (sum / C * D: older verl's seq-mean-token-sum-norm, TRL
+/// dr_grpo).
+enum class Aggregation {
+  TokenMean,
+  SeqMeanTokenSum,
+  SeqMeanTokenMean,
+  SeqMeanTokenSumNorm,
+  TokenSum,
+  TokenSumNorm
+};
 
 struct Settings {
   double eps_low = 0.2;
   double eps_high = 0.28;
   std::optional<double> dual_clip;  ///< verl clip_ratio_c; unset: none
   double log_ratio_clamp = 20.0;
+  std::optional<double> delta;  ///< TRL's delta; unset: none
   Aggregation aggregation = Aggregation::TokenMean;
+  bool count_empty_rows = false;           ///< local S counts every row (TRL grpo)
   std::optional<double> global_tokens;     ///< N override
   std::optional<double> global_sequences;  ///< S override
   std::optional<double> norm_constant;     ///< C override (default: padded length)
@@ -57,38 +70,46 @@ inline Token evaluate_token(double logp, double old_logp, double advantage, cons
   double dc = d;
   if (dc < -bound) dc = -bound;
   if (dc > bound) dc = bound;
-  const bool clamp_passes = d >= -bound && d <= bound;
+  const bool clamp_passes = d > -bound && d < bound;
   const double r = std::exp(dc);
   const double lo = 1.0 - s.eps_low;
   const double hi = 1.0 + s.eps_high;
   double rc = r;
   if (rc < lo) rc = lo;
   if (rc > hi) rc = hi;
-  const bool clip_passes = r >= lo && r <= hi;
-  const double l1 = -advantage * r;
+  const bool clip_passes = r > lo && r < hi;
+  double r1 = r;
+  bool r1_passes = true;
+  if (s.delta) {
+    r1 = r < *s.delta ? r : *s.delta;
+    r1_passes = r < *s.delta;
+  }
+  const double l1 = -advantage * r1;
   const double l2 = -advantage * rc;
   double loss = l1 > l2 ? l1 : l2;
   // Autograd of maximum(l1, l2) with respect to r.
   const double w1 = l1 > l2 ? 1.0 : (l1 == l2 ? 0.5 : 0.0);
   const double w2 = l2 > l1 ? 1.0 : (l1 == l2 ? 0.5 : 0.0);
-  double dloss_dr = w1 * (-advantage) + w2 * (-advantage) * (clip_passes ? 1.0 : 0.0);
+  // d loss / d r = -A * slope; the slope also says whether gradient flows
+  // (the trust-region indicator), advantage 0 included.
+  double slope = w1 * (r1_passes ? 1.0 : 0.0) + w2 * (clip_passes ? 1.0 : 0.0);
   bool dual = false;
   if (s.dual_clip && advantage < 0) {
     const double cap = -advantage * *s.dual_clip;
     dual = loss > cap;
     const double keep = loss < cap ? 1.0 : (loss == cap ? 0.5 : 0.0);  // minimum(loss, cap)
     loss = loss < cap ? loss : cap;
-    dloss_dr *= keep;
+    slope *= keep;
   }
   t.clamped_log_ratio = dc;
   t.ratio = r;
   t.loss = loss;
-  t.grad = dloss_dr * r * (clamp_passes ? 1.0 : 0.0);  // dr/ddc = r, ddc/dd = clamp pass
+  t.grad = -advantage * slope * r * (clamp_passes ? 1.0 : 0.0);  // dr/ddc = r, ddc/dd = pass
   t.ppo_clip = l2 > l1;
   t.dual_clip = dual;
   t.high_clip = r > hi && advantage > 0;
   t.low_clip = r < lo && advantage < 0;
-  t.trusted = clamp_passes && !t.ppo_clip && !t.dual_clip;
+  t.trusted = clamp_passes && slope > 0.0;
   return t;
 }
 
@@ -157,7 +178,8 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
   }
 
   double local_sequences = 0;
-  for (std::size_t i = 0; i < rows; ++i) local_sequences += row_weight[i] > 0 ? 1.0 : 0.0;
+  for (std::size_t i = 0; i < rows; ++i)
+    local_sequences += s.count_empty_rows || row_weight[i] > 0 ? 1.0 : 0.0;
   const double tokens_count = s.global_tokens ? *s.global_tokens : weight;
   const double sequences = s.global_sequences ? *s.global_sequences : local_sequences;
   const double constant = s.norm_constant ? *s.norm_constant : static_cast<double>(cols);
@@ -174,6 +196,12 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
       denominator = sequences;
       break;
     case Aggregation::SeqMeanTokenSumNorm:
+      denominator = sequences * constant;
+      break;
+    case Aggregation::TokenSum:
+      denominator = 1.0;
+      break;
+    case Aggregation::TokenSumNorm:
       denominator = constant;
       break;
   }

@@ -50,7 +50,8 @@ inline SftResult sft_loss(std::size_t rows, std::size_t cols, const std::vector<
     }
   }
   double sequences = 0;
-  for (std::size_t i = 0; i < rows; ++i) sequences += row_weight[i] > 0 ? 1.0 : 0.0;
+  for (std::size_t i = 0; i < rows; ++i)
+    sequences += s.count_empty_rows || row_weight[i] > 0 ? 1.0 : 0.0;
   if (s.global_sequences) sequences = *s.global_sequences;
   const double tokens = s.global_tokens ? *s.global_tokens : weight;
   const double constant = s.norm_constant ? *s.norm_constant : static_cast<double>(cols);
@@ -68,7 +69,13 @@ inline SftResult sft_loss(std::size_t rows, std::size_t cols, const std::vector<
             sequences > 0 && row_weight[i] > 0 ? s.world_size / (sequences * row_weight[i]) : 0.0;
         break;
       case Aggregation::SeqMeanTokenSumNorm:
-        scale = s.world_size / constant;
+        scale = sequences > 0 && constant > 0 ? s.world_size / (sequences * constant) : 0.0;
+        break;
+      case Aggregation::TokenSum:
+        scale = s.world_size;
+        break;
+      case Aggregation::TokenSumNorm:
+        scale = constant > 0 ? s.world_size / constant : 0.0;
         break;
     }
     out.loss += row_sum[i] * scale;

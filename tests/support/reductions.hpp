@@ -9,8 +9,9 @@ namespace test_support {
 
 /// Every psft::Reduction.
 inline constexpr psft::Reduction kReductions[] = {
-    psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenSum, psft::Reduction::SeqMeanTokenMean,
-    psft::Reduction::SeqMeanTokenSumNorm};
+    psft::Reduction::TokenMean,        psft::Reduction::SeqMeanTokenSum,
+    psft::Reduction::SeqMeanTokenMean, psft::Reduction::SeqMeanTokenSumNorm,
+    psft::Reduction::TokenSum,         psft::Reduction::TokenSumNorm};
 
 /// The reduction's name as psft's error messages spell it.
 inline const char* name_of(psft::Reduction r) { return psft::core::reduction_name(r); }

@@ -20,6 +20,10 @@ inline reference::Aggregation aggregation_of(psft::Reduction r) {
       return reference::Aggregation::SeqMeanTokenMean;
     case psft::Reduction::SeqMeanTokenSumNorm:
       return reference::Aggregation::SeqMeanTokenSumNorm;
+    case psft::Reduction::TokenSum:
+      return reference::Aggregation::TokenSum;
+    case psft::Reduction::TokenSumNorm:
+      return reference::Aggregation::TokenSumNorm;
   }
   throw std::logic_error("unknown reduction");
 }
@@ -31,6 +35,8 @@ inline reference::Settings settings_for(const psft::LossOptions& o) {
   s.eps_high = o.clip.eps_high;
   s.dual_clip = o.clip.dual_clip;
   s.log_ratio_clamp = o.clip.log_ratio_clamp;
+  s.delta = o.clip.delta;
+  s.count_empty_rows = o.count_empty_sequences;
   s.aggregation = aggregation_of(o.reduction);
   s.norm_constant = o.norm_constant;
   if (o.normaliser) {

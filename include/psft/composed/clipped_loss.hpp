@@ -42,6 +42,9 @@ struct TokenTerms {
   /// region (its gradient is not zeroed).
   at::Tensor clipped, clipped_dual, trusted;
   ///@}
+  /// d l / d r in units of -A: 1, 0, or 1/2 at the ties of Note [Gradient
+  /// at the bounds].
+  at::Tensor slope;
 };
 
 /// core::clipped_objective on whole tensors (Note [Composed path mirrors core]).
@@ -56,20 +59,34 @@ inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const ClipOpt
   t.valid = t.weight != 0;
   const at::Tensor log_ratio = logp - as_rows(in.old_logp);
   const double bound = c.log_ratio_clamp;
-  const at::Tensor in_range = at::logical_and(log_ratio >= -bound, log_ratio <= bound);
+  // Strict bounds and the slopes of Note [Gradient at the bounds].
+  const at::Tensor in_range = at::logical_and(log_ratio > -bound, log_ratio < bound);
   t.clamped = log_ratio.clamp(-bound, bound);
   t.ratio = t.clamped.exp();
-  const at::Tensor loss_unclipped = -t.advantage * t.ratio;
-  const at::Tensor loss_clipped = -t.advantage * t.ratio.clamp(1.0 - c.eps_low, 1.0 + c.eps_high);
+  const double lower = 1.0 - c.eps_low, upper = 1.0 + c.eps_high;
+  const at::Tensor bounded_ratio = c.delta ? t.ratio.clamp_max(*c.delta) : t.ratio;
+  const at::Tensor loss_unclipped = -t.advantage * bounded_ratio;
+  const at::Tensor loss_clipped = -t.advantage * t.ratio.clamp(lower, upper);
+  const at::Tensor one = at::ones({}, logp.options());
+  const at::Tensor zero = at::zeros({}, logp.options());
+  const at::Tensor unclipped_slope = c.delta ? at::where(t.ratio < *c.delta, one, zero) : one;
+  const at::Tensor clip_slope =
+      at::where(at::logical_and(t.ratio > lower, t.ratio < upper), one, zero);
   t.clipped = loss_clipped > loss_unclipped;
+  t.slope = at::where(t.clipped, clip_slope,
+                      at::where(loss_clipped == loss_unclipped,
+                                (unclipped_slope + clip_slope) * 0.5, unclipped_slope));
   t.token_loss = at::where(t.clipped, loss_clipped, loss_unclipped);
   t.clipped_dual = at::zeros_like(t.clipped);
   if (c.dual_clip) {
     const at::Tensor cap = -t.advantage * *c.dual_clip;
-    t.clipped_dual = at::logical_and(t.advantage<0, t.token_loss> cap);
+    const at::Tensor negative = t.advantage < 0;
+    t.clipped_dual = at::logical_and(negative, t.token_loss > cap);
+    const at::Tensor at_cap = at::logical_and(negative, t.token_loss == cap);
     t.token_loss = at::where(t.clipped_dual, cap, t.token_loss);
+    t.slope = at::where(t.clipped_dual, zero, at::where(at_cap, t.slope * 0.5, t.slope));
   }
-  t.trusted = at::logical_and(in_range, ~at::logical_or(t.clipped, t.clipped_dual));
+  t.trusted = at::logical_and(in_range, t.slope > 0);
   return t;
 }
 
@@ -147,6 +164,12 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
       denominator = sequences;
       break;
     case Reduction::SeqMeanTokenSumNorm:
+      denominator = sequences * detail::norm_constant(opts, in.cols);
+      break;
+    case Reduction::TokenSum:
+      denominator = at::ones({}, tokens.options());
+      break;
+    case Reduction::TokenSumNorm:
       denominator = at::full({}, detail::norm_constant(opts, in.cols), tokens.options());
       break;
   }
@@ -163,7 +186,8 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   detail::ClippedLossOutputs out;
   out.loss = (row_loss * scale).sum().to(acc);
   if (need_grad) {
-    out.coef = masked(at::where(t.trusted, -advantage * ratio, zero)).reshape(in.logp.sizes());
+    out.coef =
+        masked(at::where(t.trusted, -advantage * ratio * t.slope, zero)).reshape(in.logp.sizes());
   }
   out.scale = scale;
 

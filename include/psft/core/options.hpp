@@ -24,20 +24,33 @@ struct ClipOptions {
   /// The log-ratio is clamped to [-log_ratio_clamp, log_ratio_clamp] before
   /// exp, as verl and OpenRLHF do (see Note [Why the log-ratio clamp]).
   double log_ratio_clamp = 20.0;
+  /// TRL's `delta` (two-sided clipping): the unclipped term uses min(r,
+  /// delta), so a token with A < 0 whose ratio exceeds delta stops passing
+  /// gradient. Must be > 1 + eps_high. Unset: no bound.
+  std::optional<double> delta;
 };
 
-/// How per-token losses are aggregated; definitions follow verl's agg_loss.
-/// N = token count (sum of mask weights), S = number of sequences with at
-/// least one unmasked token, n_s = tokens of sequence s, D = world_size.
+/// How per-token losses are aggregated; definitions follow verl 0.9.1's
+/// agg_loss. N = token count (sum of mask weights), S = number of sequences
+/// with at least one unmasked token (every row, empty ones included, with
+/// LossOptions::count_empty_sequences), n_s = tokens of sequence s, C =
+/// LossOptions::norm_constant (default: the padded length T), D = world_size.
 enum class Reduction {
-  /// sum(m l) / N * D
+  /// sum(m l) / N * D (verl token-mean)
   TokenMean,
-  /// sum_s(sum_t m l) / S * D
+  /// sum_s(sum_t m l) / S * D (verl seq-mean-token-sum)
   SeqMeanTokenSum,
-  /// sum_s(sum_t m l / n_s) / S * D
+  /// sum_s(sum_t m l / n_s) / S * D (verl seq-mean-token-mean)
   SeqMeanTokenMean,
-  /// sum(m l) / C * D, C = constant (default: padded length T)
+  /// sum(m l) / S / C * D (verl 0.9.1 seq-mean-token-sum-norm; before 0.9.1,
+  /// and in the PSFT authors' fork, verl's mode of this name was
+  /// TokenSumNorm)
   SeqMeanTokenSumNorm,
+  /// sum(m l) * D (verl token-sum)
+  TokenSum,
+  /// sum(m l) / C * D (verl's seq-mean-token-sum-norm before 0.9.1; TRL
+  /// dr_grpo with C = B x max_completion_length)
+  TokenSumNorm,
 };
 
 /// Counts that define the loss of one optimizer step. Supply them when an
@@ -85,8 +98,15 @@ struct LossOptions {
   /// Global counts of the optimizer step. Unset: the batch passed in is the
   /// whole optimizer step and its own counts are used.
   std::optional<Normaliser> normaliser;
-  /// C of SeqMeanTokenSumNorm. Unset: the padded length T of the batch.
+  /// C of SeqMeanTokenSumNorm and TokenSumNorm. Unset: the padded length T
+  /// of the batch.
   std::optional<double> norm_constant;
+  /// The sequence reductions count every row in S, empty (fully masked)
+  /// rows included, as TRL's `grpo` loss (a .mean() over all rows) and
+  /// verl's global_batch_size do. false: only rows with a token count (verl's
+  /// local path). With a Normaliser, its `sequences` is used as given; count
+  /// it with count_normaliser(mask, opts) so that it counts the same way.
+  bool count_empty_sequences = false;
   /// Check logp, old_logp and advantages for NaN/Inf at unmasked tokens, and
   /// mask weights for NaN/Inf and negative values. On the CPU the check is
   /// fused into the loss pass (a few percent); on other devices it costs one

@@ -46,10 +46,33 @@ PSFT_HOST_DEVICE inline double global_factor(Reduction r, const ReductionCounts&
       denominator = c.sequences;
       break;
     case Reduction::SeqMeanTokenSumNorm:
+      denominator = c.sequences * c.norm_constant;
+      break;
+    case Reduction::TokenSum:
+      denominator = 1.0;
+      break;
+    case Reduction::TokenSumNorm:
       denominator = c.norm_constant;
       break;
   }
   return denominator > 0.0 ? c.world_size / denominator : 0.0;
+}
+
+/// opts with LossOptions::count_empty_sequences resolved for a batch of
+/// `rows` rows: when the reduction divides by S and no Normaliser supplies
+/// it, S is every row of the batch, which the normaliser then carries; the
+/// backends need not know the option. The one place the option acts.
+inline LossOptions resolve_sequence_count(const LossOptions& opts, std::int64_t rows) {
+  if (!opts.count_empty_sequences) return opts;
+  const bool divides_by_sequences = opts.reduction == Reduction::SeqMeanTokenSum ||
+                                    opts.reduction == Reduction::SeqMeanTokenMean ||
+                                    opts.reduction == Reduction::SeqMeanTokenSumNorm;
+  if (!divides_by_sequences || (opts.normaliser && opts.normaliser->sequences)) return opts;
+  LossOptions out = opts;
+  Normaliser n = opts.normaliser.value_or(Normaliser{});
+  n.sequences = static_cast<double>(rows);
+  out.normaliser = n;
+  return out;
 }
 
 /// Aggregates per-row sums (row_loss = sum_t w l, row_tokens = sum_t w) into

@@ -25,6 +25,10 @@ inline const char* reduction_name(Reduction r) {
       return "SeqMeanTokenMean";
     case Reduction::SeqMeanTokenSumNorm:
       return "SeqMeanTokenSumNorm";
+    case Reduction::TokenSum:
+      return "TokenSum";
+    case Reduction::TokenSumNorm:
+      return "TokenSumNorm";
   }
   return "?";
 }
@@ -37,6 +41,8 @@ inline bool is_valid(Reduction r) {
     case Reduction::SeqMeanTokenSum:
     case Reduction::SeqMeanTokenMean:
     case Reduction::SeqMeanTokenSumNorm:
+    case Reduction::TokenSum:
+    case Reduction::TokenSumNorm:
       return true;
   }
   return false;
@@ -54,6 +60,13 @@ inline bool is_valid(Backend b) {
   return false;
 }
 
+/// Whether the reduction divides by the sequence count S (and so needs
+/// per-token tensors of shape [B, T]).
+inline bool uses_sequences(Reduction r) {
+  return r == Reduction::SeqMeanTokenSum || r == Reduction::SeqMeanTokenMean ||
+         r == Reduction::SeqMeanTokenSumNorm;
+}
+
 /// Why `c` is invalid, or "" if it is valid.
 inline std::string clip_options_error(const ClipOptions& c) {
   std::ostringstream e;
@@ -65,6 +78,9 @@ inline std::string clip_options_error(const ClipOptions& c) {
     e << "clip.dual_clip (c) must be finite and > 1, got " << *c.dual_clip;
   } else if (!(std::isfinite(c.log_ratio_clamp) && c.log_ratio_clamp > 0)) {
     e << "clip.log_ratio_clamp must be finite and > 0, got " << c.log_ratio_clamp;
+  } else if (c.delta && !(std::isfinite(*c.delta) && *c.delta > 1 + c.eps_high)) {
+    e << "clip.delta must be finite and > 1 + eps_high = " << 1 + c.eps_high << ", got "
+      << *c.delta;
   }
   return e.str();
 }
@@ -76,7 +92,7 @@ inline std::string loss_options_error(const LossOptions& opts, int dim) {
   std::ostringstream e;
   if (!is_valid(opts.reduction)) {
     e << "reduction must be a psft::Reduction enumerator (TokenMean, SeqMeanTokenSum, "
-         "SeqMeanTokenMean or SeqMeanTokenSumNorm), got the value "
+         "SeqMeanTokenMean, SeqMeanTokenSumNorm, TokenSum or TokenSumNorm), got the value "
       << static_cast<int>(opts.reduction);
     return e.str();
   }
@@ -87,7 +103,7 @@ inline std::string loss_options_error(const LossOptions& opts, int dim) {
     return e.str();
   }
   const char* name = reduction_name(opts.reduction);
-  if (opts.reduction != Reduction::TokenMean && dim != 2) {
+  if (uses_sequences(opts.reduction) && dim != 2) {
     e << "reduction " << name
       << " needs per-token tensors of shape [B, T] to know the sequences, got " << dim
       << " dimension(s)";
@@ -112,11 +128,13 @@ inline std::string loss_options_error(const LossOptions& opts, int dim) {
       break;
     case Reduction::SeqMeanTokenSum:
     case Reduction::SeqMeanTokenMean:
+    case Reduction::SeqMeanTokenSumNorm:
       count_name = "sequences";
       count = &n.sequences;
       break;
-    case Reduction::SeqMeanTokenSumNorm:
-      return {};  // C is a constant, not a count
+    case Reduction::TokenSum:
+    case Reduction::TokenSumNorm:
+      return {};  // no count: a sum, or a constant C
   }
   if (!count->has_value()) {
     e << "normaliser." << count_name << " is needed by reduction " << name

@@ -38,7 +38,7 @@ template <class acc_t>
 core::ClipParams<acc_t> clip_params(const ClipOptions& c) {
   return {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
           static_cast<acc_t>(c.dual_clip ? *c.dual_clip : 0.0),
-          static_cast<acc_t>(c.log_ratio_clamp)};
+          static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta ? *c.delta : 0.0)};
 }
 
 /// Forward: loss, metrics and (when need_grad) the gradient coefficients.

@@ -135,6 +135,9 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
       const Packet bound = ei::pset1<Packet>(clip.log_ratio_clamp);
       const Packet neg_bound = ei::pset1<Packet>(-clip.log_ratio_clamp);
       const Packet dual = ei::pset1<Packet>(clip.dual_clip);
+      const Packet delta = ei::pset1<Packet>(clip.delta);
+      const Packet half = ei::pset1<Packet>(0.5f);
+      const bool has_delta = clip.delta > 0.f;
       const Packet inf = ei::pset1<Packet>(__builtin_huge_valf());
       const Packet neg_inf = ei::pset1<Packet>(-__builtin_huge_valf());
       const Packet largest = ei::pset1<Packet>(std::numeric_limits<float>::max());
@@ -150,24 +153,39 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
         const Packet ai = ei::ploadu<Packet>(adv + i);
         const Packet valid = ei::pandnot(ei::ptrue(wi), ei::pcmp_eq(wi, zero));  // w != 0
         const Packet log_ratio = ei::psub(li, oi);
+        // Strict bounds and the slopes of Note [Gradient at the bounds].
         const Packet in_range =
-            ei::pand(ei::pcmp_le(neg_bound, log_ratio), ei::pcmp_le(log_ratio, bound));
+            ei::pand(ei::pcmp_lt(neg_bound, log_ratio), ei::pcmp_lt(log_ratio, bound));
         const Packet d = ei::pselect(valid, ei::pmin(ei::pmax(log_ratio, neg_bound), bound), zero);
         const Packet r = ei::pexp(d);
-        const Packet loss_unclipped = ei::pnegate(ei::pmul(ai, r));
+        const Packet full_gradient = ei::pnegate(ei::pmul(ai, r));  // -A r
+        const Packet loss_unclipped =
+            has_delta ? ei::pnegate(ei::pmul(ai, ei::pmin(r, delta))) : full_gradient;
         const Packet loss_clipped = ei::pnegate(ei::pmul(ai, ei::pmin(ei::pmax(r, lower), upper)));
         const Packet clipped = ei::pcmp_lt(loss_unclipped, loss_clipped);
+        const Packet unclipped_slope = has_delta ? ei::pand(ei::pcmp_lt(r, delta), one) : one;
+        const Packet clip_slope =
+            ei::pand(ei::pand(ei::pcmp_lt(lower, r), ei::pcmp_lt(r, upper)), one);
+        const Packet tie = ei::pcmp_eq(loss_clipped, loss_unclipped);
+        Packet slope =
+            ei::pselect(clipped, clip_slope,
+                        ei::pselect(tie, ei::pmul(ei::padd(unclipped_slope, clip_slope), half),
+                                    unclipped_slope));
         Packet l = ei::pselect(clipped, loss_clipped, loss_unclipped);
         Packet clipped_dual = zero;
         if (has_dual) {
           const Packet cap = ei::pnegate(ei::pmul(ai, dual));
-          clipped_dual = ei::pand(ei::pcmp_lt(ai, zero), ei::pcmp_lt(cap, l));
+          const Packet negative = ei::pcmp_lt(ai, zero);
+          clipped_dual = ei::pand(negative, ei::pcmp_lt(cap, l));
+          const Packet at_cap = ei::pand(negative, ei::pcmp_eq(cap, l));
           l = ei::pselect(clipped_dual, cap, l);
+          slope =
+              ei::pselect(clipped_dual, zero, ei::pselect(at_cap, ei::pmul(slope, half), slope));
         }
-        const Packet trusted =
-            ei::pandnot(ei::pandnot(ei::pand(in_range, valid), clipped), clipped_dual);
+        const Packet trusted = ei::pand(ei::pand(in_range, valid), ei::pcmp_lt(zero, slope));
         if (coef_out) {
-          ei::pstoreu(coef_out + i, ei::pselect(trusted, ei::pmul(wi, loss_unclipped), zero));
+          ei::pstoreu(coef_out + i,
+                      ei::pselect(trusted, ei::pmul(wi, ei::pmul(full_gradient, slope)), zero));
         }
         const Packet wv = ei::pselect(valid, wi, zero);
         loss = ei::padd(loss, ei::pselect(valid, ei::pmul(wi, l), zero));

@@ -29,6 +29,7 @@ inline psft_cuda_entry::ClippedLossConfig clipped_loss_config(const detail::Clip
   c.eps_high = opts.clip.eps_high;
   c.dual_clip = opts.clip.dual_clip ? *opts.clip.dual_clip : 0.0;
   c.log_ratio_clamp = opts.clip.log_ratio_clamp;
+  c.delta = opts.clip.delta ? *opts.clip.delta : 0.0;
   c.reduction = static_cast<int>(opts.reduction);
   c.has_tokens = opts.normaliser && opts.normaliser->tokens;
   c.tokens = c.has_tokens ? *opts.normaliser->tokens : 0.0;

@@ -31,6 +31,7 @@ struct ClippedLossConfig {
   double eps_high = 0.28;         ///< ClipOptions::eps_high
   double dual_clip = 0.0;         ///< <= 0: none
   double log_ratio_clamp = 20.0;  ///< ClipOptions::log_ratio_clamp
+  double delta = 0.0;             ///< ClipOptions::delta; <= 0: none
   int reduction = 0;              ///< static_cast<int>(psft::Reduction)
   bool has_tokens = false;        ///< the normaliser supplies a token count
   double tokens = 0.0;            ///< normaliser.tokens when has_tokens

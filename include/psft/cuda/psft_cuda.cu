@@ -99,7 +99,7 @@ void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
     a.mask = device_input(mask, rows, "mask", logp);
     a.clip = {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
               static_cast<acc_t>(c.dual_clip > 0 ? c.dual_clip : 0.0),
-              static_cast<acc_t>(c.log_ratio_clamp)};
+              static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta)};
     a.check_finite = c.check_finite;
     a.coef = c.need_grad ? out.coef.data_ptr<acc_t>() : nullptr;
     a.partials = partial_ptr;

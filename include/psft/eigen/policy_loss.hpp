@@ -62,7 +62,8 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
 
   const core::ClipParams<T> clip{T(opts.clip.eps_low), T(opts.clip.eps_high),
                                  T(opts.clip.dual_clip ? *opts.clip.dual_clip : 0.0),
-                                 T(opts.clip.log_ratio_clamp)};
+                                 T(opts.clip.log_ratio_clamp),
+                                 T(opts.clip.delta ? *opts.clip.delta : 0.0)};
   const Eigen::Index rows = logp.rows(), cols = logp.cols();
   LossResult<T> out;
   out.grad = TokenArray<T>::Zero(rows, cols);
@@ -92,7 +93,8 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
     }
   }
   const core::RowReduction reduced =
-      core::reduce_rows(opts, rows, cols, row_loss.data(), row_tokens.data(), row_scale.data());
+      core::reduce_rows(core::resolve_sequence_count(opts, rows), rows, cols, row_loss.data(),
+                        row_tokens.data(), row_scale.data());
   detail::require(reduced.error.empty(), reduced.error);
   for (Eigen::Index r = 0; r < rows; ++r) out.grad.row(r) *= static_cast<T>(row_scale[r]);
   out.loss = static_cast<T>(reduced.loss);

@@ -198,8 +198,10 @@ class OldPolicy {
   OldPolicy(ModuleHolder live, OldPolicyOptions options, Scorer scorer) = delete;
 
   /// A Recompute-only old policy, for any module (it never clones).
+  /// \param live    the module being trained (shared, not copied).
   /// \param options its settings; options.strategy must be Recompute (the
   ///                default).
+  /// \param scorer  see Scorer.
   /// \throws c10::Error as the ordinary constructor, and naming
   ///         options.strategy if it is not Recompute.
   OldPolicy(RecomputeOnly, ModuleHolder live, OldPolicyOptions options, Scorer scorer)
@@ -394,11 +396,12 @@ OldPolicy<ModuleHolder, Batch>::OldPolicy(Unchecked, ModuleHolder live, OldPolic
     : live_(std::move(live)), options_(options), scorer_(std::move(scorer)) {
   TORCH_CHECK(!live_.is_empty(), "psft::OldPolicy: live is an empty module holder");
   TORCH_CHECK(static_cast<bool>(scorer_), "psft::OldPolicy: scorer is an empty function");
-  TORCH_CHECK(options_.strategy == OldPolicyStrategy::Recompute ||
-                  options_.strategy == OldPolicyStrategy::Snapshot ||
-                  options_.strategy == OldPolicyStrategy::Ema,
-              "psft::OldPolicy: options.strategy must be Recompute, Snapshot or Ema, got the value ",
-              static_cast<int>(options_.strategy));
+  TORCH_CHECK(
+      options_.strategy == OldPolicyStrategy::Recompute ||
+          options_.strategy == OldPolicyStrategy::Snapshot ||
+          options_.strategy == OldPolicyStrategy::Ema,
+      "psft::OldPolicy: options.strategy must be Recompute, Snapshot or Ema, got the value ",
+      static_cast<int>(options_.strategy));
   TORCH_CHECK(options_.snapshot_interval >= 1,
               "psft::OldPolicy: options.snapshot_interval must be >= 1, got ",
               options_.snapshot_interval);
