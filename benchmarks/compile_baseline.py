@@ -20,7 +20,12 @@ after warm-up (compilation). GB/s counts the same bytes as the C++ API rows.
 With --psft FILE (the output of psft_bench_cuda) each line also gives psft's
 fused time for the case and how much faster it is. Exits 0 without CUDA.
 
-    python3 benchmarks/compile_baseline.py [--psft bench_cuda.txt]
+    python3 benchmarks/compile_baseline.py [--psft bench_cuda.txt] [--seconds N]
+
+With --seconds N no case is started after N seconds (torch.compile takes
+tens of seconds per case); those left print "not run (time budget)", so that
+what was measured is printed in full under an outer time limit
+(scripts/gpu-check.sh passes its own).
 
 Memory: the eager logits case holds several float32 [16384, 151936] tensors
 (10 GB each) at once; a case that runs out of memory prints "out of memory"
@@ -29,6 +34,7 @@ and the script goes on.
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -170,9 +176,12 @@ def read_psft(path):
     return fused
 
 
-def run_case(case, nbytes, fn, steps, psft_ms):
+def run_case(case, nbytes, fn, steps, psft_ms, out_of_time):
     eager_ms = None
     for impl in ("eager", "compile"):
+        if out_of_time():
+            print(f"{case:<34} {impl:<8} not run (time budget)", flush=True)
+            continue
         try:
             ms = time_ms(steps(fn if impl == "eager" else torch.compile(fn)))
             result = f"{ms:10.4f} {nbytes / (ms * 1e-3) / 1e9:9.0f}"
@@ -195,7 +204,14 @@ def run_case(case, nbytes, fn, steps, psft_ms):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--psft", metavar="FILE", help="psft_bench_cuda's output, for its fused times")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="start no case after this many seconds")
     args = parser.parse_args()
+    start = time.monotonic()
+
+    def out_of_time():
+        return args.seconds is not None and time.monotonic() - start > args.seconds
+
     if not torch.cuda.is_available():
         print("compile_baseline: skipped: no CUDA device")
         return 0
@@ -211,9 +227,9 @@ def main():
     print(header, flush=True)
     for dtype in (torch.bfloat16, torch.float32):
         case, nbytes, fn, steps = clipped_case(dtype)
-        run_case(case, nbytes, fn, steps, psft_ms)
+        run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
     for case, nbytes, fn, steps in logits_cases():
-        run_case(case, nbytes, fn, steps, psft_ms)
+        run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
     return 0
 
 

@@ -13,9 +13,12 @@
 # It is a macro because enable_language() must run at directory scope.
 # Architectures: ARCHITECTURES if given, else CMAKE_CUDA_ARCHITECTURES if
 # chosen (find_package(Torch) hides a -D value; Note [CUDA architectures]),
-# else "80;90" (A100, H100/H200). Needs a CUDA build of LibTorch and an
-# nvcc that supports the C++ standard that LibTorch asks for (C++20 for
-# LibTorch 2.10 and later).
+# else "80;90" (A100, H100/H200). Each architecture is one more nvcc pass
+# over psft_cuda.cu (about 40 s), so a build for one GPU names just its own
+# (ARCHITECTURES 90 or -DCMAKE_CUDA_ARCHITECTURES=90 on an H100 or H200, as
+# scripts/gpu-check.sh does). Needs a CUDA build of LibTorch and an nvcc
+# that supports the C++ standard that LibTorch asks for (C++20 for LibTorch
+# 2.10 and later).
 include_guard(GLOBAL)
 
 # Where psft_cuda.cu is: next to the headers, in the source tree

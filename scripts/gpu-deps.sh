@@ -8,7 +8,11 @@
 # GPU machine that has none of them and cannot download them:
 #
 #   scripts/gpu-deps.sh build/gpu-deps      # here
-#   PSFT_GPU_DEPS=build/gpu-deps scripts/gpu-check.sh   # there
+#   scripts/gpu-check.sh                    # there (uses build/gpu-deps)
+#
+# build/ is git-ignored: DIR travels to the GPU machine only if it is copied
+# with the clone (a runner that copies the working tree must be told to
+# carry build/gpu-deps); without it the check stops at its requirements.
 #
 # DIR keeps the packages' layout under /usr (include/, lib/cmake/Catch2,
 # share/eigen3/cmake, lib/<multiarch>/cmake/benchmark), so their CMake

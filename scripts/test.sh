@@ -11,10 +11,14 @@
 #             the tests except [large]
 #   cuda-build  PSFT_CUDA=ON against the torch wheel, build/cuda: builds only
 #             the CUDA test and benchmark binaries (nvcc, sm_80 and sm_90)
-#             and runs them, which skip without a GPU; the phase is skipped
-#             when nvcc is absent. Catch2, Eigen and Google Benchmark come
-#             from a scripts/gpu-deps.sh prefix made into build/gpu-deps,
-#             which proves that prefix is complete for scripts/gpu-check.sh.
+#             and runs them, which skip without a GPU; then
+#             scripts/check-sass.sh reads the test binary's sm_90 machine
+#             code: registers, spills, occupancy and SASS instructions per
+#             element of the hot loops, failing on spills or a logits
+#             forward over its target. The phase is skipped when nvcc is
+#             absent. Catch2, Eigen and Google Benchmark come from a
+#             scripts/gpu-deps.sh prefix made into build/gpu-deps, which
+#             proves that prefix is complete for scripts/gpu-check.sh.
 #             (The kernels themselves also run on the CPU, emulated, in the
 #             main, compat and sanitize phases: psft_test_cuda_emulated.)
 #   docs      scripts/check-docs.sh: Doxygen API reference (docs/Doxyfile)
@@ -155,6 +159,9 @@ if [ "${PSFT_SKIP_CUDA:-0}" != 1 ]; then
     # Without a GPU both print "skipped: no CUDA device" and exit 0.
     build/cuda/tests/psft_test_cuda
     build/cuda/benchmarks/psft_bench_cuda
+    # The static check of the kernels' machine code (cuobjdump from the
+    # CUDA toolkit, else the one the torch wheel's triton dependency ships).
+    CUDACXX="$nvcc_path" ./scripts/check-sass.sh build/cuda/tests/psft_test_cuda
   fi
   end
 fi

@@ -213,8 +213,8 @@ double rel_diff(double got, double want) {
 }
 
 // ---------------------------------------------------------------------------
-// The clipped objective: forward_units, finalize and backward, as
-// psft_cuda.cu launches them.
+// The clipped objective: forward_units and backward, as psft_cuda.cu
+// launches them.
 
 struct ClippedCase {
   std::int64_t rows = 2, cols = 9;
@@ -300,55 +300,96 @@ kernels::ReductionParams reduction_params(const psft::LossOptions& o, std::int64
   return p;
 }
 
-template <class acc_t, class out_t>
-ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
-                           const cuda_emulator::Options& order) {
-  const std::int64_t rows = c.rows, cols = c.cols, n = rows * cols;
-  const std::int64_t chunks = (cols + kernels::kChunk - 1) / kernels::kChunk;
-  const std::int64_t units = rows * chunks;
-  std::vector<kernels::Partial> partials(
-      static_cast<std::size_t>(std::max<std::int64_t>(units, 1)));
-  std::vector<acc_t> coef(static_cast<std::size_t>(n), static_cast<acc_t>(kNaN));
+/// How many units a row has, as psft_cuda.cu cuts it (an empty one for
+/// cols == 0).
+std::int64_t chunks_for(std::int64_t cols) {
+  return std::max<std::int64_t>((cols + kernels::kChunk - 1) / kernels::kChunk, 1);
+}
 
+/// The forward's parameters for a case, as psft_cuda.cu fills them; the
+/// combine's workspace and the outputs are the caller's.
+template <class acc_t>
+kernels::ForwardParams<acc_t> forward_params(const ClippedCase& c, const ClippedInputs& in) {
   kernels::ForwardParams<acc_t> a{};
-  a.rows = rows;
-  a.cols = cols;
-  a.chunks_per_row = chunks;
-  a.logp = in.logp.input();
-  a.old_logp = in.old_logp.input();
-  a.advantages = in.advantages.input();
-  a.mask = in.mask.input();
+  a.rows = c.rows;
+  a.cols = c.cols;
+  a.chunks_per_row = chunks_for(c.cols);
+  a.inputs[0] = in.logp.input();
+  a.inputs[1] = in.old_logp.input();
+  a.inputs[2] = in.advantages.input();
+  a.inputs[3] = in.mask.input();
   const psft::ClipOptions& clip = c.options.clip;
   a.clip = {static_cast<acc_t>(clip.eps_low), static_cast<acc_t>(clip.eps_high),
             static_cast<acc_t>(clip.dual_clip.value_or(0.0)),
-            static_cast<acc_t>(clip.log_ratio_clamp)};
+            static_cast<acc_t>(clip.log_ratio_clamp), static_cast<acc_t>(clip.delta.value_or(0.0))};
   a.check_finite = c.options.check_finite;
-  a.coef = coef.data();
-  a.partials = partials.data();
-  if (units > 0)
-    cuda_emulator::launch(kernels::forward_units<acc_t>, static_cast<unsigned>(units),
-                          kernels::kThreads, order, a);
+  a.reduction = reduction_params(c.options, c.cols);
+  a.layout = kernels::combine_layout(c.rows, a.chunks_per_row);
+  return a;
+}
 
+/// Launches the forward_units instantiation psft_cuda.cu would
+/// (kernels::forward_path), or RuntimeInputs when `runtime`.
+template <class acc_t>
+void launch_forward(const kernels::ForwardParams<acc_t>& a, unsigned blocks,
+                    const cuda_emulator::Options& order, bool runtime = false) {
+  const bool dual = a.clip.dual_clip > acc_t(0);
+  const auto go = [&](auto inputs) {
+    using Inputs = decltype(inputs);
+    if (dual) {
+      cuda_emulator::launch(kernels::forward_units<acc_t, Inputs, true>, blocks, kernels::kThreads,
+                            order, a);
+    } else {
+      cuda_emulator::launch(kernels::forward_units<acc_t, Inputs, false>, blocks, kernels::kThreads,
+                            order, a);
+    }
+  };
+  const kernels::ForwardPath path =
+      runtime ? kernels::ForwardPath::Runtime
+              : kernels::forward_path(a.inputs, std::is_same<acc_t, float>::value);
+  switch (path) {
+    case kernels::ForwardPath::BFloat16Bool:
+      return go(kernels::TypedInputs<__nv_bfloat16, unsigned char>());
+    case kernels::ForwardPath::BFloat16Float:
+      return go(kernels::TypedInputs<__nv_bfloat16, float>());
+    case kernels::ForwardPath::Float32Bool:
+      return go(kernels::TypedInputs<float, unsigned char>());
+    case kernels::ForwardPath::Float32Float:
+      return go(kernels::TypedInputs<float, float>());
+    case kernels::ForwardPath::Runtime:
+      break;
+  }
+  go(kernels::RuntimeInputs());
+}
+
+template <class acc_t, class out_t>
+ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
+                           const cuda_emulator::Options& order, bool runtime) {
+  const std::int64_t rows = c.rows, cols = c.cols, n = rows * cols;
+  std::vector<acc_t> coef(static_cast<std::size_t>(n), static_cast<acc_t>(kNaN));
+  kernels::ForwardParams<acc_t> a = forward_params<acc_t>(c, in);
+  // Workspace left poisoned (NaN bytes), as a fresh allocation may be; the
+  // counters zero, as psft_cuda.cu's memset leaves them.
+  std::vector<kernels::Partial> slots(
+      static_cast<std::size_t>(std::max<std::int64_t>(a.layout.slots, 1)));
+  std::memset(static_cast<void*>(slots.data()), 0xff, slots.size() * sizeof(kernels::Partial));
+  std::vector<unsigned int> counters(
+      static_cast<std::size_t>(std::max<std::int64_t>(a.layout.counters, 1)), 0u);
   const bool per_row = psft::core::uses_row_factor(c.options.reduction);
-  const std::size_t row_slots = static_cast<std::size_t>(std::max<std::int64_t>(rows, 1));
-  std::vector<double> workspace(2 * row_slots, kNaN);
-  std::vector<double> scale(per_row ? static_cast<std::size_t>(rows) : 1, kNaN);
+  std::vector<double> scale(per_row ? static_cast<std::size_t>(rows) + 1 : 1, kNaN);
   ClippedOutputs out;
   std::fill(std::begin(out.metrics), std::end(out.metrics), kNaN);
   std::fill(std::begin(out.status), std::end(out.status), kNaN);
   acc_t loss = static_cast<acc_t>(kNaN);
-  kernels::FinalizeParams<acc_t> f{};
-  f.rows = rows;
-  f.chunks_per_row = chunks;
-  f.partials = partials.data();
-  f.reduction = reduction_params(c.options, cols);
-  f.row_loss = workspace.data();
-  f.row_tokens = workspace.data() + row_slots;
-  f.loss = &loss;
-  f.scale = scale.data();
-  f.metrics = out.metrics;
-  f.status = out.status;
-  cuda_emulator::launch(kernels::finalize<acc_t>, 1, kernels::kThreads, order, f);
+  a.coef = coef.data();
+  a.slots = slots.data();
+  a.counters = counters.data();
+  a.loss = &loss;
+  a.scale = scale.data();
+  a.metrics = out.metrics;
+  a.status = out.status;
+  const std::int64_t units = rows * a.chunks_per_row;
+  launch_forward(a, static_cast<unsigned>(std::max<std::int64_t>(units, 1)), order, runtime);
   out.loss = static_cast<double>(loss);
 
   const std::size_t skip = c.unaligned_grad ? 1 : 0;
@@ -356,11 +397,16 @@ ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
   for (auto& g : storage) g = kernels::to_output<out_t>(static_cast<acc_t>(kNaN));
   out_t* grad = storage.data() + skip;
   const double grad_output = c.grad_output;
+  kernels::BackwardParams b{};
+  b.rows = rows;
+  b.cols = cols;
+  b.scale = scale.data();
+  b.per_row = per_row;
+  b.grad_output = &grad_output;
+  b.grad_output_double = true;
   if (n > 0)
     cuda_emulator::launch(kernels::backward<out_t, acc_t>, c.backward_blocks, kernels::kThreads,
-                          order, rows, cols, static_cast<const acc_t*>(coef.data()),
-                          static_cast<const double*>(scale.data()), per_row,
-                          static_cast<const double*>(&grad_output), grad);
+                          order, b, static_cast<const acc_t*>(coef.data()), grad);
   out.coef.assign(coef.begin(), coef.end());
   out.grad.assign(static_cast<std::size_t>(n), 0.0);
   for (std::size_t k = 0; k < out.grad.size(); ++k)
@@ -368,19 +414,20 @@ ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
   return out;
 }
 
-/// Runs the three kernels with the gradient in logp's dtype (as the
-/// dispatcher does) and float accumulation, or double for float64 logp.
+/// Runs the two kernels with the gradient in logp's dtype (as the
+/// dispatcher does) and float accumulation, or double for float64 logp;
+/// `runtime` forces forward_units' RuntimeInputs path.
 ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
-                           const cuda_emulator::Options& order = {}) {
+                           const cuda_emulator::Options& order = {}, bool runtime = false) {
   switch (c.logp) {
     case DeviceDtype::Double:
-      return run_clipped<double, double>(c, in, order);
+      return run_clipped<double, double>(c, in, order, runtime);
     case DeviceDtype::BFloat16:
-      return run_clipped<float, __nv_bfloat16>(c, in, order);
+      return run_clipped<float, __nv_bfloat16>(c, in, order, runtime);
     case DeviceDtype::Half:
-      return run_clipped<float, __half>(c, in, order);
+      return run_clipped<float, __half>(c, in, order, runtime);
     default:
-      return run_clipped<float, float>(c, in, order);
+      return run_clipped<float, float>(c, in, order, runtime);
   }
 }
 
@@ -828,7 +875,8 @@ TEST_CASE(
     c.options.norm_constant = 123.0;
     cases.push_back(c);
   }
-  // More rows than the finalize block has threads.
+  // More rows than a combine node has children: two levels of the batch
+  // tree (Note [Deterministic CUDA reduction]).
   {
     ClippedCase c;
     c.rows = 300;
@@ -836,18 +884,31 @@ TEST_CASE(
     c.options = options_for(psft::Reduction::SeqMeanTokenMean);
     c.advantages = DeviceDtype::Float;
     c.seed = ++seed;
+    REQUIRE(kernels::combine_layout(c.rows, 1).batch_tree.levels == 3);
     cases.push_back(c);
   }
-  // Few long rows, summed by the whole finalize block (Note [Row sums in
-  // finalize]): one row of 10 units, two of 18.
-  for (std::int64_t rows : {1, 2}) {
+  // Per-row scales over a grid-stride loop that crosses many short rows per
+  // step (7400 elements, 3 x 256 x 4 per step): backward's row tracking.
+  {
     ClippedCase c;
-    c.rows = rows;
-    c.cols = rows == 1 ? 9 * kernels::kChunk + 5 : 17 * kernels::kChunk + 1;
-    c.advantages = DeviceDtype::Float;
+    c.rows = 200;
+    c.cols = 37;
     c.options = options_for(psft::Reduction::SeqMeanTokenMean);
+    c.advantages = DeviceDtype::Float;
     c.seed = ++seed;
-    REQUIRE(c.cols / kernels::kChunk + 1 > kernels::kBlockPerRow * rows);
+    cases.push_back(c);
+  }
+  // Rows of many units, combined by their row trees: one row of 10 units,
+  // two of 18, and one of 300 (two levels of its row tree).
+  for (int k = 0; k < 3; ++k) {
+    ClippedCase c;
+    c.rows = k == 1 ? 2 : 1;
+    c.cols = k == 0 ? 9 * kernels::kChunk + 5
+                    : (k == 1 ? 17 * kernels::kChunk + 1 : 299 * kernels::kChunk + 7);
+    c.advantages = DeviceDtype::Float;
+    c.options =
+        options_for(k == 2 ? psft::Reduction::TokenMean : psft::Reduction::SeqMeanTokenMean);
+    c.seed = ++seed;
     cases.push_back(c);
   }
   // One row, as a 1-D tensor is described.
@@ -860,10 +921,47 @@ TEST_CASE(
     c.seed = ++seed;
     cases.push_back(c);
   }
+  // The typed fast paths (kernels::forward_path): bf16 or fp32 logp,
+  // old_logp and advantages (or none), bool, fp32 or no mask, with and
+  // without a dual clip, rows with a partial last group and padded rows.
+  {
+    int j = 0;
+    for (DeviceDtype t : {DeviceDtype::BFloat16, DeviceDtype::Float}) {
+      for (DeviceDtype m : {DeviceDtype::Bool, DeviceDtype::Float, DeviceDtype::Absent}) {
+        for (bool adv : {true, false}) {
+          ClippedCase c;
+          c.rows = 3;
+          c.cols = j % 3 == 0 ? 4099 : (j % 3 == 1 ? 2048 : 37);
+          c.logp = c.old_logp = t;
+          c.advantages = adv ? t : DeviceDtype::Absent;
+          c.mask = m;
+          c.layout = j % 2 ? Layout::Padded : Layout::Contiguous;
+          c.options = options_for(test_support::kReductions[static_cast<std::size_t>(j) % 4]);
+          if (j % 4 == 1) c.options.clip.dual_clip = 3.0;
+          if (j % 3 == 2) c.options.clip.delta = 1.5;  // TRL's two-sided clip
+          c.seed = ++seed;
+          cases.push_back(c);
+          ++j;
+        }
+      }
+    }
+  }
+  int typed = 0;
   for (const ClippedCase& c : cases) {
     const ClippedInputs in = make_inputs(c);
-    check_against_reference(c, in, run_clipped(c, in));
+    const ClippedOutputs got = run_clipped(c, in);
+    check_against_reference(c, in, got);
+    // A typed path computes exactly what the runtime-dtype path does.
+    const kernels::DeviceInput inputs[4] = {in.logp.input(), in.old_logp.input(),
+                                            in.advantages.input(), in.mask.input()};
+    if (kernels::forward_path(inputs, c.logp != DeviceDtype::Double) !=
+        kernels::ForwardPath::Runtime) {
+      ++typed;
+      INFO(c.name());
+      CHECK(bit_identical(run_clipped(c, in, {}, true), got));
+    }
   }
+  CHECK(typed >= 8);
 }
 
 TEST_CASE("cuda clipped kernels (emulated): results do not depend on block or thread order",
@@ -872,11 +970,14 @@ TEST_CASE("cuda clipped kernels (emulated): results do not depend on block or th
   c.advantages = DeviceDtype::Float;
   c.options = options_for(psft::Reduction::SeqMeanTokenMean);
   c.options.clip.dual_clip = 3.0;
-  for (DeviceDtype t : {DeviceDtype::Float, DeviceDtype::BFloat16}) {
-    // Rows summed by one thread each, then two long rows summed by the block.
-    c.rows = t == DeviceDtype::Float ? 3 : 2;
-    c.cols = t == DeviceDtype::Float ? 4500 : 17 * kernels::kChunk + 100;
+  for (int k = 0; k < 3; ++k) {
+    // Three rows of three units; two long rows; 300 rows of one unit, whose
+    // row sums the batch tree combines in two levels.
+    const DeviceDtype t = k == 1 ? DeviceDtype::BFloat16 : DeviceDtype::Float;
+    c.rows = k == 0 ? 3 : (k == 1 ? 2 : 300);
+    c.cols = k == 0 ? 4500 : (k == 1 ? 17 * kernels::kChunk + 100 : 40);
     c.logp = c.old_logp = t;
+    c.advantages = k == 2 ? t : DeviceDtype::Float;
     const ClippedInputs in = make_inputs(c);
     const ClippedOutputs first = run_clipped(c, in);
     for (Order o : kOrders) {
@@ -1197,9 +1298,11 @@ TEST_CASE("cuda logits kernels (emulated): offsets past 2^31 elements", "[emulat
 
 TEST_CASE("cuda clipped kernels (emulated): offsets past 2^31 elements", "[emulated][large]") {
   // 524163 x 4097 bfloat16 tokens: 2.15e9 elements; the three rows around
-  // element 2^31 are written and their units run (3 per row), the other
-  // units contribute nothing. TokenMean over those rows is then exactly the
-  // reference's loss over them.
+  // element 2^31 are written and their units run (3 per row). The other
+  // rows are set up as if their blocks had run on empty rows: their sums in
+  // the batch tree zero and counted as arrived, so the blocks of the three
+  // rows combine the batch (three levels of the batch tree). TokenMean over
+  // those rows is then exactly the reference's loss over them.
   ClippedCase c;
   c.rows = 524163;
   c.cols = 4097;
@@ -1230,43 +1333,47 @@ TEST_CASE("cuda clipped kernels (emulated): offsets past 2^31 elements", "[emula
       few.old_logp.set(static_cast<std::int64_t>(k), j, old_logp);
     }
 
-  const std::int64_t chunks = (c.cols + kernels::kChunk - 1) / kernels::kChunk;
-  std::vector<kernels::Partial> partials(static_cast<std::size_t>(c.rows * chunks));
-  for (kernels::Partial& p : partials) p.reset();
+  kernels::ForwardParams<float> a = forward_params<float>(c, in);
+  REQUIRE(a.inputs[0].vectorised == false);  // 4097 columns: element loads
+  const kernels::TreeShape& batch = a.layout.batch_tree;
+  REQUIRE(batch.levels == 4);  // 524163 rows -> 2048 -> 8 -> 1
+  // Uninitialised (untouched pages) but for what is set below.
+  Bytes slot_bytes(static_cast<std::size_t>(a.layout.slots) * sizeof(kernels::Partial));
+  auto* slots = reinterpret_cast<kernels::Partial*>(slot_bytes.get());
+  std::vector<unsigned int> counters(static_cast<std::size_t>(a.layout.counters), 0u);
+  // Node j of level l holds leaves [j F^l, (j + 1) F^l): done unless one of
+  // the rows runs in it; a done child is empty sums, counted as arrived.
+  const auto holds_run_row = [&](int level, std::int64_t node) {
+    std::int64_t span = 1;
+    for (int l = 0; l < level; ++l) span *= kernels::kFanIn;
+    for (std::int64_t r : rows)
+      if (r / span == node) return true;
+    return false;
+  };
+  kernels::Partial empty;
+  empty.reset();
+  for (int level = 0; level + 1 < batch.levels; ++level)
+    for (std::int64_t node = 0; node < batch.nodes[level]; ++node) {
+      if (holds_run_row(level, node)) continue;
+      slots[batch.slot[level] + node] = empty;
+      ++counters[static_cast<std::size_t>(batch.counter[level + 1] + node / kernels::kFanIn)];
+    }
+
+  std::unique_ptr<float[]> coef(new float[static_cast<std::size_t>(n)]);
+  std::vector<double> scale(1), metrics(10), status(kernels::kStatusCount);
+  float loss = 0;
+  a.coef = coef.get();
+  a.slots = slots;
+  a.counters = counters.data();
+  a.loss = &loss;
+  a.scale = scale.data();
+  a.metrics = metrics.data();
+  a.status = status.data();
   cuda_emulator::Options only;
   for (std::int64_t r : rows)
-    for (std::int64_t u = 0; u < chunks; ++u)
-      only.blocks.push_back(static_cast<unsigned>(r * chunks + u));
-  std::unique_ptr<float[]> coef(new float[static_cast<std::size_t>(n)]);
-  kernels::ForwardParams<float> a{};
-  a.rows = c.rows;
-  a.cols = c.cols;
-  a.chunks_per_row = chunks;
-  a.logp = in.logp.input();
-  a.old_logp = in.old_logp.input();
-  REQUIRE(a.logp.vectorised == false);  // 4097 columns: scalar loads
-  a.clip = {0.2f, 0.28f, 0.0f, 20.0f};
-  a.check_finite = true;
-  a.coef = coef.get();
-  a.partials = partials.data();
-  cuda_emulator::launch(kernels::forward_units<float>, static_cast<unsigned>(partials.size()),
-                        kernels::kThreads, only, a);
-
-  std::vector<double> workspace(2 * static_cast<std::size_t>(c.rows)), scale(1), metrics(10),
-      status(kernels::kStatusCount);
-  float loss = 0;
-  kernels::FinalizeParams<float> f{};
-  f.rows = c.rows;
-  f.chunks_per_row = chunks;
-  f.partials = partials.data();
-  f.reduction = reduction_params(c.options, c.cols);
-  f.row_loss = workspace.data();
-  f.row_tokens = workspace.data() + c.rows;
-  f.loss = &loss;
-  f.scale = scale.data();
-  f.metrics = metrics.data();
-  f.status = status.data();
-  cuda_emulator::launch(kernels::finalize<float>, 1, kernels::kThreads, {}, f);
+    for (std::int64_t u = 0; u < a.chunks_per_row; ++u)
+      only.blocks.push_back(static_cast<unsigned>(r * a.chunks_per_row + u));
+  launch_forward(a, static_cast<unsigned>(c.rows * a.chunks_per_row), only);
 
   // One backward block per 1024 elements: the blocks covering the rows.
   const std::int64_t per_block = std::int64_t(kernels::kThreads) * kernels::kBackwardVector;
@@ -1277,10 +1384,16 @@ TEST_CASE("cuda clipped kernels (emulated): offsets past 2^31 elements", "[emula
     around.blocks.push_back(static_cast<unsigned>(blk));
   std::unique_ptr<__nv_bfloat16[]> grad(new __nv_bfloat16[static_cast<std::size_t>(n)]);
   const double grad_output = c.grad_output;
+  kernels::BackwardParams b{};
+  b.rows = c.rows;
+  b.cols = c.cols;
+  b.scale = scale.data();
+  b.per_row = false;
+  b.grad_output = &grad_output;
+  b.grad_output_double = true;
   cuda_emulator::launch(kernels::backward<__nv_bfloat16, float>, static_cast<unsigned>(blocks),
-                        kernels::kThreads, around, c.rows, c.cols,
-                        static_cast<const float*>(coef.get()),
-                        static_cast<const double*>(scale.data()), false, &grad_output, grad.get());
+                        kernels::kThreads, around, b, static_cast<const float*>(coef.get()),
+                        grad.get());
 
   ClippedOutputs got;
   got.loss = loss;

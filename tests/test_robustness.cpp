@@ -686,7 +686,13 @@ void fuzz_logits(Gen& g, int entry) {
       tl = psft::token_logprobs(logits, labels, lo);
       loss = lo.entropy_grad ? tl->logp.sum() + 0.1 * tl->entropy.sum() : tl->logp.sum();
     } else if (entry == 1) {
-      const psft::LogitsLossResult r = psft::psft_loss_from_logits(logits, labels, old_logp, o, lo);
+      // Half the cases with advantages (policy_loss_from_logits): one per
+      // sequence of [B, T] labels, one per token of [N] labels.
+      const psft::LogitsLossResult r =
+          g.chance(0.5) ? psft::psft_loss_from_logits(logits, labels, old_logp, o, lo)
+                        : psft::policy_loss_from_logits(
+                              logits, labels, old_logp,
+                              torch::randn({three_d ? b : b * t}, torch::kDouble), o, lo);
       tl = psft::TokenLogprobs{r.logp, r.entropy, r.backend};
       loss = r.loss;
       CHECK(std::isfinite(scalar(r.nll_mean)) == std::isfinite(scalar(r.loss)));
@@ -775,7 +781,8 @@ TEST_CASE("fuzz: token_logprobs", "[fuzz][fuzz_token_logprobs]") {
   WARN("token_logprobs: " << n << " cases");
 }
 
-TEST_CASE("fuzz: psft_loss_from_logits", "[fuzz][fuzz_psft_loss_from_logits]") {
+TEST_CASE("fuzz: psft_loss_from_logits and policy_loss_from_logits",
+          "[fuzz][fuzz_psft_loss_from_logits]") {
   const std::int64_t n = fuzz_for_budget([](Gen& g) { fuzz_logits(g, 1); });
   WARN("psft_loss_from_logits: " << n << " cases");
 }

@@ -18,10 +18,17 @@
 //     chosen by Options::order. A kernel whose threads race between barriers,
 //     or whose blocks depend on each other's order, gives different results
 //     under different orders; the tests compare them bit for bit.
-// Not emulated: warps (shuffles, votes, warp-synchronous code), atomics, the
-// memory model across blocks, and timing. psft's kernels use none of the
-// first three. Device math functions are the host's (exp may differ from
-// CUDA's by an ulp).
+//   - atomics are plain read-modify-writes and __threadfence() does nothing:
+//     one block runs at a time, to completion, so every block sees every
+//     write of the blocks that ran before it. A kernel whose blocks combine
+//     their results through arrival counters (the last block to arrive sums
+//     the others') therefore runs, and a result that depends on which block
+//     arrived last shows up as order dependence.
+// Not emulated: warps (shuffles, votes, warp-synchronous code), concurrent
+// blocks, the memory model across blocks (a missing __threadfence() goes
+// unnoticed), and timing. psft's kernels use no warp-level code. Device
+// math functions are the host's (exp may differ from CUDA's by an ulp, and
+// ex2.approx from exp2f by a few).
 
 #if defined(__CUDACC__)
 #error "cuda_emulator.hpp is for host compilers; nvcc compiles the real kernels"
@@ -65,12 +72,36 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-/// CUDA's device intrinsic, on the host.
+/// CUDA's device intrinsics, on the host.
 inline float __uint_as_float(unsigned int bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+/// Loads through the read-only cache, and bypassing L1, on the device:
+/// plain loads here.
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+/// Atomics on the device; blocks run one at a time, and fibers switch only
+/// at barriers, here.
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old | value;
+  return old;
+}
+/// Orders a thread's writes for other blocks; they run later here anyway.
+inline void __threadfence() {}
 
 // Built-in variables; set by the scheduler before a fiber runs.
 inline uint3 threadIdx;

@@ -21,8 +21,10 @@
 
 namespace psft_cuda_entry {
 
-/// Interface version; bumped when a signature below changes.
-constexpr int kEntryVersion = 1;
+/// Interface version; bumped when a signature, or the meaning of a result,
+/// below changes (2: ClippedLossResult::scale holds the row factors and the
+/// global factor apart; token_logprobs' stats hold the raw maximum).
+constexpr int kEntryVersion = 2;
 
 /// Clip and reduction settings of one loss call (mirror of
 /// psft::ClipOptions and psft::LossOptions, resolved).
@@ -48,11 +50,14 @@ struct ClippedLossResult {
   at::Tensor loss;     ///< 0-d, float (double for fp64 logp)
   at::Tensor metrics;  ///< [10] float64, psft::core::MetricValues order
   at::Tensor coef;     ///< logp's shape, float/double: w dl/dlogp; undefined without need_grad
-  at::Tensor scale;    ///< [rows] (SeqMeanTokenMean) or [1], float64
-  /// [5] float64: bad-value flags (1 old_logp, 2 advantages, 4 mask), the
-  /// normaliser's tokens / sequences too small (0/1), the batch's token and
-  /// non-empty sequence counts. Read it only when a check needs it: reading
-  /// it synchronises with the device.
+  /// float64, opaque to callers (clipped_loss_backward reads it): per-row
+  /// reductions [rows + 1], the row factors then the global factor, else
+  /// [1], the global factor (Note [Clipped-loss scale] in clipped_loss.cuh).
+  at::Tensor scale;
+  /// [5] float64: bad-value flags (1 old_logp, 2 advantages, 4 mask, 8
+  /// logp), the normaliser's tokens / sequences too small (0/1), the batch's
+  /// token and non-empty sequence counts. Read it only when a check needs
+  /// it: reading it synchronises with the device.
   at::Tensor status;
 };
 
@@ -63,14 +68,16 @@ ClippedLossResult clipped_loss_forward(const at::Tensor& logp, const at::Tensor&
                                        std::int64_t rows, std::int64_t cols,
                                        const ClippedLossConfig& config);
 
-/// d loss / d logp = coef * scale[row or 0] * grad_output, in `dtype`.
+/// d loss / d logp = coef * scale * grad_output, in `dtype`, with the
+/// forward's scale; grad_output (0-d) is read on the device, float or double.
 at::Tensor clipped_loss_backward(const at::Tensor& coef, const at::Tensor& scale,
                                  const at::Tensor& grad_output, c10::ScalarType dtype);
 
 /// token_logprobs forward on CUDA logits ([B, T, V] or [N, V], stride 1 along
 /// V) and contiguous int64 labels (one per row): writes logp, entropy
 /// (contiguous [rows], float32, float64 for float64 logits) and, when
-/// defined, stats ([rows, 3]: max, log S, A / S). Returns [rows] uint8 row
+/// defined, stats ([rows, 3]: the raw logits' max before 1 / temperature,
+/// log S, A / S; Note [Logits stats] in logits.cuh). Returns [rows] uint8 row
 /// flags (1 NaN/+inf logit, 2 all -inf, 4 label out of range); reading them
 /// synchronises.
 at::Tensor token_logprobs_forward(const at::Tensor& logits, const at::Tensor& labels,

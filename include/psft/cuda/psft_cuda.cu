@@ -18,10 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
 #include "psft/core/options.hpp"
+#include "psft/core/reduction.hpp"
 #include "psft/cuda/clipped_loss.cuh"
 #include "psft/cuda/entry.hpp"
 #include "psft/cuda/logits.cuh"
@@ -69,6 +71,37 @@ kernels::DeviceInput device_input(const at::Tensor& t, std::int64_t rows, const 
   return in;
 }
 
+/// forward_units for these inputs (kernels::forward_path), with or without
+/// the dual clip (Note [Kernels without a dual clip] in clipped_loss.cuh).
+template <class acc_t>
+void launch_forward_units(const kernels::ForwardParams<acc_t>& a, unsigned blocks,
+                          cudaStream_t stream) {
+  const bool dual = a.clip.dual_clip > acc_t(0);
+  const auto go = [&](auto inputs) {
+    using Inputs = decltype(inputs);
+    if (dual) {
+      kernels::forward_units<acc_t, Inputs, true><<<blocks, kernels::kThreads, 0, stream>>>(a);
+    } else {
+      kernels::forward_units<acc_t, Inputs, false><<<blocks, kernels::kThreads, 0, stream>>>(a);
+    }
+  };
+  if constexpr (std::is_same<acc_t, float>::value) {
+    switch (kernels::forward_path(a.inputs, true)) {
+      case kernels::ForwardPath::BFloat16Bool:
+        return go(kernels::TypedInputs<__nv_bfloat16, unsigned char>());
+      case kernels::ForwardPath::BFloat16Float:
+        return go(kernels::TypedInputs<__nv_bfloat16, float>());
+      case kernels::ForwardPath::Float32Bool:
+        return go(kernels::TypedInputs<float, unsigned char>());
+      case kernels::ForwardPath::Float32Float:
+        return go(kernels::TypedInputs<float, float>());
+      case kernels::ForwardPath::Runtime:
+        break;
+    }
+  }
+  go(kernels::RuntimeInputs());
+}
+
 template <class acc_t>
 void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
                     const at::Tensor& advantages, const at::Tensor& mask, std::int64_t rows,
@@ -76,63 +109,61 @@ void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
                     at::ScalarType acc) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::TensorOptions doubles = logp.options().dtype(at::kDouble);
-  const std::int64_t chunks_per_row = (cols + kernels::kChunk - 1) / kernels::kChunk;
+  // Every row has at least one unit, an empty one when cols == 0.
+  const std::int64_t chunks_per_row =
+      std::max<std::int64_t>((cols + kernels::kChunk - 1) / kernels::kChunk, 1);
   const std::int64_t units = rows * chunks_per_row;
   TORCH_CHECK(units <= std::int64_t(0x7fffffff), "psft: too many tokens for the CUDA kernel (",
               rows, " x ", cols, ")");
+  const kernels::CombineLayout layout = kernels::combine_layout(rows, chunks_per_row);
 
-  // Partials as raw bytes: Partial is a device-side struct of doubles.
-  at::Tensor partials =
-      at::empty({std::max<std::int64_t>(units, 1) * std::int64_t(sizeof(kernels::Partial))},
-                logp.options().dtype(at::kByte));
-  auto* partial_ptr = reinterpret_cast<kernels::Partial*>(partials.data_ptr());
+  // One workspace: the combine trees' node sums (raw bytes: Partial is a
+  // device-side struct of doubles), then their arrival counters, which
+  // start at zero (one memset; Note [Deterministic CUDA reduction]).
+  const std::int64_t slot_bytes = layout.slots * std::int64_t(sizeof(kernels::Partial));
+  const std::int64_t counter_bytes = layout.counters * std::int64_t(sizeof(unsigned int));
+  at::Tensor workspace = at::empty({std::max<std::int64_t>(slot_bytes + counter_bytes, 1)},
+                                   logp.options().dtype(at::kByte));
+  auto* bytes = static_cast<unsigned char*>(workspace.data_ptr());
+  if (counter_bytes > 0)
+    C10_CUDA_CHECK(
+        cudaMemsetAsync(bytes + slot_bytes, 0, static_cast<std::size_t>(counter_bytes), stream));
 
+  const bool per_row = psft::core::uses_row_factor(static_cast<psft::Reduction>(c.reduction));
   if (c.need_grad) out.coef = at::empty(logp.sizes(), logp.options().dtype(acc));
-  if (units > 0) {
-    kernels::ForwardParams<acc_t> a;
-    a.rows = rows;
-    a.cols = cols;
-    a.chunks_per_row = chunks_per_row;
-    a.logp = device_input(logp, rows, "logp", logp);
-    a.old_logp = device_input(old_logp, rows, "old_logp", logp);
-    a.advantages = device_input(advantages, rows, "advantages", logp);
-    a.mask = device_input(mask, rows, "mask", logp);
-    a.clip = {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
-              static_cast<acc_t>(c.dual_clip > 0 ? c.dual_clip : 0.0),
-              static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta)};
-    a.check_finite = c.check_finite;
-    a.coef = c.need_grad ? out.coef.data_ptr<acc_t>() : nullptr;
-    a.partials = partial_ptr;
-    kernels::forward_units<acc_t>
-        <<<static_cast<unsigned>(units), kernels::kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  const bool per_row =
-      static_cast<psft::Reduction>(c.reduction) == psft::Reduction::SeqMeanTokenMean;
-  at::Tensor rows_workspace = at::empty({2 * std::max<std::int64_t>(rows, 1)}, doubles);
   out.loss = at::empty({}, logp.options().dtype(acc));
-  out.scale = at::empty({per_row ? rows : 1}, doubles);
+  out.scale = at::empty({per_row ? rows + 1 : 1}, doubles);  // Note [Clipped-loss scale]
   out.metrics = at::empty({psft::core::kMetricCount}, doubles);
   out.status = at::empty({kernels::kStatusCount}, doubles);
-  kernels::FinalizeParams<acc_t> f;
-  f.rows = rows;
-  f.chunks_per_row = chunks_per_row;
-  f.partials = partial_ptr;
-  f.reduction = {static_cast<psft::Reduction>(c.reduction),
+
+  kernels::ForwardParams<acc_t> a;
+  a.rows = rows;
+  a.cols = cols;
+  a.chunks_per_row = chunks_per_row;
+  a.inputs[0] = device_input(logp, rows, "logp", logp);
+  a.inputs[1] = device_input(old_logp, rows, "old_logp", logp);
+  a.inputs[2] = device_input(advantages, rows, "advantages", logp);
+  a.inputs[3] = device_input(mask, rows, "mask", logp);
+  a.clip = {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
+            static_cast<acc_t>(c.dual_clip > 0 ? c.dual_clip : 0.0),
+            static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta)};
+  a.check_finite = c.check_finite;
+  a.reduction = {static_cast<psft::Reduction>(c.reduction),
                  c.has_tokens,
                  c.tokens,
                  c.has_sequences,
                  c.sequences,
                  c.norm_constant,
                  c.world_size};
-  f.row_loss = rows_workspace.data_ptr<double>();
-  f.row_tokens = f.row_loss + std::max<std::int64_t>(rows, 1);
-  f.loss = out.loss.data_ptr<acc_t>();
-  f.scale = out.scale.data_ptr<double>();
-  f.metrics = out.metrics.data_ptr<double>();
-  f.status = out.status.data_ptr<double>();
-  kernels::finalize<acc_t><<<1, kernels::kThreads, 0, stream>>>(f);
+  a.coef = c.need_grad ? out.coef.data_ptr<acc_t>() : nullptr;
+  a.layout = layout;
+  a.slots = reinterpret_cast<kernels::Partial*>(bytes);
+  a.counters = reinterpret_cast<unsigned int*>(bytes + slot_bytes);
+  a.loss = out.loss.data_ptr<acc_t>();
+  a.scale = out.scale.data_ptr<double>();
+  a.metrics = out.metrics.data_ptr<double>();
+  a.status = out.status.data_ptr<double>();
+  launch_forward_units(a, static_cast<unsigned>(std::max<std::int64_t>(units, 1)), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -144,10 +175,16 @@ void launch_backward(const at::Tensor& coef, const at::Tensor& scale, const at::
   const std::int64_t max_blocks =
       std::int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
   const std::int64_t blocks = std::min((n + per_block - 1) / per_block, max_blocks);
+  kernels::BackwardParams b;
+  b.rows = rows;
+  b.cols = cols;
+  b.scale = scale.data_ptr<double>();
+  b.per_row = scale.numel() > 1;
+  b.grad_output = grad_output.data_ptr();
+  b.grad_output_double = grad_output.scalar_type() == at::kDouble;
   kernels::backward<out_t, acc_t>
       <<<static_cast<unsigned>(blocks), kernels::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          rows, cols, coef.data_ptr<acc_t>(), scale.data_ptr<double>(), scale.numel() > 1,
-          grad_output.data_ptr<double>(), reinterpret_cast<out_t*>(grad.data_ptr()));
+          b, coef.data_ptr<acc_t>(), reinterpret_cast<out_t*>(grad.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -203,7 +240,8 @@ at::Tensor token_logprobs_forward(const at::Tensor& logits, const at::Tensor& la
               logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const kernels::DeviceLogits l = device_logits(logits);
-  at::Tensor status = at::zeros({l.rows}, logits.options().dtype(at::kByte));
+  // The kernel writes every row's flags.
+  at::Tensor status = at::empty({l.rows}, logits.options().dtype(at::kByte));
   if (l.rows == 0) return status;
   TORCH_CHECK(labels.is_contiguous() && labels.numel() == l.rows && logp.is_contiguous() &&
                   entropy.is_contiguous(),
@@ -305,9 +343,16 @@ at::Tensor clipped_loss_backward(const at::Tensor& coef, const at::Tensor& scale
   const std::int64_t cols = coef.dim() == 2 ? coef.size(1) : coef.numel();
   const std::int64_t rows = cols == 0 ? 0 : coef.numel() / cols;
   if (coef.numel() == 0) return grad;
-  // Read on the device: no synchronisation.
-  const at::Tensor go = grad_output.to(coef.device(), at::kDouble).contiguous();
-  const at::Tensor s = scale.to(coef.device(), at::kDouble).contiguous();
+  // Read on the device: no synchronisation, and, for the float or double
+  // 0-d gradient autograd passes, no conversion either.
+  const bool go_ready =
+      grad_output.device() == coef.device() && grad_output.numel() == 1 &&
+      (grad_output.scalar_type() == at::kFloat || grad_output.scalar_type() == at::kDouble);
+  const at::Tensor go = go_ready ? grad_output : grad_output.to(coef.device(), at::kDouble);
+  TORCH_CHECK(scale.device() == coef.device() && scale.scalar_type() == at::kDouble &&
+                  scale.is_contiguous(),
+              "psft: internal error: the CUDA backward needs the forward's scale");
+  const at::Tensor& s = scale;
   const bool acc_double = coef.scalar_type() == at::kDouble;
   switch (dtype) {
     case at::kFloat:
