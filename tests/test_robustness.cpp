@@ -570,7 +570,33 @@ void fuzz_clipped_loss(Gen& g, bool with_advantages) {
   CHECK(std::fabs(got - want.loss) <= tol * (want.loss_magnitude + 1e-300) + 1e-300);
   // Weights are read in the accumulation dtype.
   CHECK(scalar(r->metrics.token_count) == Approx(want.metrics.token_count).epsilon(tol));
-  CHECK(scalar(r->metrics.clip_frac) == Approx(want.metrics.clip_frac).epsilon(1e-6).margin(1e-6));
+  // A token whose log-ratio or ratio lies within the accumulation dtype's
+  // rounding of a bound (the clamp, a clip bound, delta, the dual-clip cap)
+  // may fall on the other side of it in float than in double: its clip
+  // decision, and so its gradient entry and its share of the clip
+  // fractions, are not comparable. Such tokens are rare (about 1 in 10^6)
+  // and left out.
+  const std::vector<double> lp = values(logp), old = values(old_logp), a = values(adv_full);
+  const double window = psft::detail::accumulate_type(dt) == torch::kDouble ? 1e-12 : 1e-5;
+  const auto near = [&](double x, double bound) {
+    return std::fabs(x - bound) <= window * (1.0 + std::fabs(bound));
+  };
+  std::vector<char> ambiguous(lp.size(), 0);
+  double ambiguous_weight = 0;
+  for (std::size_t i = 0; i < lp.size(); ++i) {
+    if (w[i] == 0) continue;
+    const double d = lp[i] - old[i];
+    const double bound = o.clip.log_ratio_clamp;
+    const double r = std::exp(std::max(-bound, std::min(bound, d)));
+    bool amb = near(std::fabs(d), bound) || near(r, 1 - o.clip.eps_low) ||
+               near(r, 1 + o.clip.eps_high) || (o.clip.delta && near(r, *o.clip.delta));
+    if (o.clip.dual_clip && a[i] < 0) amb = amb || near(r, *o.clip.dual_clip);
+    ambiguous[i] = amb;
+    if (amb) ambiguous_weight += w[i];
+  }
+  const double frac_slack =
+      want.metrics.token_count > 0 ? ambiguous_weight / want.metrics.token_count : 0.0;
+  CHECK(std::fabs(scalar(r->metrics.clip_frac) - want.metrics.clip_frac) <= 1e-6 + frac_slack);
   if (logp.requires_grad() && logp.grad().defined()) {
     const std::vector<double> grad = values(logp.grad());
     double scale = 0;
@@ -579,6 +605,7 @@ void fuzz_clipped_loss(Gen& g, bool with_advantages) {
     if (logp.numel() > 0 && logp.is_non_overlapping_and_dense()) {
       for (std::size_t i = 0; i < grad.size(); ++i) {
         CHECK(std::isfinite(grad[i]));
+        if (ambiguous[i]) continue;
         CHECK(std::fabs(grad[i] - want.grad[i]) <= grad_tol_for(dt) * scale + 1e-7);
       }
     }
