@@ -347,19 +347,7 @@ void launch_forward(const kernels::ForwardParams<acc_t>& a, unsigned blocks,
   const kernels::ForwardPath path =
       runtime ? kernels::ForwardPath::Runtime
               : kernels::forward_path(a.inputs, std::is_same<acc_t, float>::value);
-  switch (path) {
-    case kernels::ForwardPath::BFloat16Bool:
-      return go(kernels::TypedInputs<__nv_bfloat16, unsigned char>());
-    case kernels::ForwardPath::BFloat16Float:
-      return go(kernels::TypedInputs<__nv_bfloat16, float>());
-    case kernels::ForwardPath::Float32Bool:
-      return go(kernels::TypedInputs<float, unsigned char>());
-    case kernels::ForwardPath::Float32Float:
-      return go(kernels::TypedInputs<float, float>());
-    case kernels::ForwardPath::Runtime:
-      break;
-  }
-  go(kernels::RuntimeInputs());
+  kernels::with_forward_inputs<std::is_same<acc_t, float>::value>(path, go);
 }
 
 template <class acc_t, class out_t>

@@ -610,6 +610,29 @@ inline ForwardPath forward_path(const DeviceInput (&in)[4], bool float_accumulat
   return bool_mask ? ForwardPath::Float32Bool : ForwardPath::Float32Float;
 }
 
+/// Calls go(inputs) with the input types of `path` (TypedInputs<T, M>, or
+/// RuntimeInputs): the one mapping from ForwardPath to forward_units'
+/// instantiations, for psft_cuda.cu and the emulated tests. The typed ones
+/// are instantiated only when kTyped (float accumulation).
+template <bool kTyped, class Go>
+inline void with_forward_inputs(ForwardPath path, Go&& go) {
+  if constexpr (kTyped) {
+    switch (path) {
+      case ForwardPath::BFloat16Bool:
+        return go(TypedInputs<__nv_bfloat16, unsigned char>());
+      case ForwardPath::BFloat16Float:
+        return go(TypedInputs<__nv_bfloat16, float>());
+      case ForwardPath::Float32Bool:
+        return go(TypedInputs<float, unsigned char>());
+      case ForwardPath::Float32Float:
+        return go(TypedInputs<float, float>());
+      case ForwardPath::Runtime:
+        break;
+    }
+  }
+  go(RuntimeInputs());
+}
+
 /// Reads a full group of a typed input raw (absent: all `fill`).
 template <class T>
 __device__ inline void load_raw(const DeviceInput& in, std::int64_t row, std::int64_t col,

@@ -85,21 +85,8 @@ void launch_forward_units(const kernels::ForwardParams<acc_t>& a, unsigned block
       kernels::forward_units<acc_t, Inputs, false><<<blocks, kernels::kThreads, 0, stream>>>(a);
     }
   };
-  if constexpr (std::is_same<acc_t, float>::value) {
-    switch (kernels::forward_path(a.inputs, true)) {
-      case kernels::ForwardPath::BFloat16Bool:
-        return go(kernels::TypedInputs<__nv_bfloat16, unsigned char>());
-      case kernels::ForwardPath::BFloat16Float:
-        return go(kernels::TypedInputs<__nv_bfloat16, float>());
-      case kernels::ForwardPath::Float32Bool:
-        return go(kernels::TypedInputs<float, unsigned char>());
-      case kernels::ForwardPath::Float32Float:
-        return go(kernels::TypedInputs<float, float>());
-      case kernels::ForwardPath::Runtime:
-        break;
-    }
-  }
-  go(kernels::RuntimeInputs());
+  constexpr bool kFloat = std::is_same<acc_t, float>::value;
+  kernels::with_forward_inputs<kFloat>(kernels::forward_path(a.inputs, kFloat), go);
 }
 
 template <class acc_t>
