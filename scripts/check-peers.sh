@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Checks psft's numbers against the real code of the peers users compare it
-# with: verl 0.9.1 (the vanilla policy loss, agg_loss in every mode, its
-# log-prob and entropy helpers) and TRL 1.16.0 (GRPOTrainer._compute_loss for
-# each loss type, SFTTrainer.compute_loss for nll and dft), through the
-# presets in include/psft/compat/ (tests/peers/check_peers.py says how each
-# peer function is called and which differences are intended).
+# with: verl 0.9.1 (the vanilla, gspo, cispo and sapo policy losses, agg_loss
+# in every mode, kl_penalty for every kl_loss_type, its log-prob and entropy
+# helpers) and TRL 1.16.0 (GRPOTrainer._compute_loss for each loss type,
+# sapo and cispo included, at token and sequence level, with and without
+# the beta KL term; SFTTrainer.compute_loss for nll and dft), through the
+# presets in include/psft/compat/ and psft::kl_penalty
+# (tests/peers/check_peers.py says how each peer function is called and
+# which differences are intended).
 #
 #   1. Installs the pinned packages of tests/peers/requirements.txt into the
 #      tools virtual environment with `pip install --no-deps`, only those

@@ -18,8 +18,9 @@
 #
 # It fails when a kernel spills or has a stack frame, when the logits
 # forward's hot loop takes more than 20 instructions per logit (issue #17),
-# or when the float forward_units fits fewer than 4 blocks per SM (Note
-# [Forward registers]); the figures are recorded in docs/cuda.md.
+# or when the float forward_units of the plain clipped rule (PSFT's) on
+# typed inputs fits fewer than 4 blocks per SM (Note [Forward registers]);
+# the figures are recorded in docs/cuda.md.
 #
 # FILE is an executable, object or cubin holding psft's kernels for sm_90
 # (scripts/test.sh passes the cuda-build phase's psft_test_cuda). Without
@@ -73,15 +74,27 @@ using Float32Bool = k::TypedInputs<float, unsigned char>;
 using Float32Float = k::TypedInputs<float, float>;
 using BFloat16Bool = k::TypedInputs<__nv_bfloat16, unsigned char>;
 using BFloat16Float = k::TypedInputs<__nv_bfloat16, float>;
-#define PSFT_FORWARD(acc, inputs)                                                         \
-  template __global__ void k::forward_units<acc, inputs, false>(const k::ForwardParams<acc>); \
-  template __global__ void k::forward_units<acc, inputs, true>(const k::ForwardParams<acc>);
+namespace c = ::psft::core;
+// The clipped objective on every input path (with and without the dual
+// clip); the other rules on RuntimeInputs only (kernels::with_forward_kernel).
+#define PSFT_FORWARD_RULE(acc, inputs, rule) \
+  template __global__ void k::forward_units<acc, inputs, rule>(const k::ForwardParams<acc>);
+#define PSFT_FORWARD(acc, inputs)                        \
+  PSFT_FORWARD_RULE(acc, inputs, k::PlainClippedRule) \
+  PSFT_FORWARD_RULE(acc, inputs, c::ClippedRule)
+#define PSFT_FORWARD_OTHER_RULES(acc)                             \
+  PSFT_FORWARD_RULE(acc, k::RuntimeInputs, c::CispoRelativeRule) \
+  PSFT_FORWARD_RULE(acc, k::RuntimeInputs, c::CispoCappedRule)   \
+  PSFT_FORWARD_RULE(acc, k::RuntimeInputs, c::SapoRule)          \
+  PSFT_FORWARD_RULE(acc, k::RuntimeInputs, c::KlPenaltyRule)
 PSFT_FORWARD(float, k::RuntimeInputs)
 PSFT_FORWARD(double, k::RuntimeInputs)
 PSFT_FORWARD(float, Float32Bool)
 PSFT_FORWARD(float, Float32Float)
 PSFT_FORWARD(float, BFloat16Bool)
 PSFT_FORWARD(float, BFloat16Float)
+PSFT_FORWARD_OTHER_RULES(float)
+PSFT_FORWARD_OTHER_RULES(double)
 #define PSFT_BACKWARD(out, acc) \
   template __global__ void k::backward<out, acc>(const k::BackwardParams, const acc*, out*);
 PSFT_BACKWARD(float, float)
@@ -282,7 +295,8 @@ for name in kernels:
                 count, branches = fp
                 hot = (f"fast path {count} / {TOKENS_PER_THREAD} tokens = "
                        f"{count / TOKENS_PER_THREAD:.1f} per token ({branches} branches)")
-        if "<float" in pretty[name] and "TypedInputs" in pretty[name] and blocks < FORWARD_MIN_BLOCKS:
+        if ("<float" in pretty[name] and "TypedInputs" in pretty[name]
+                and "PlainClippedRule" in pretty[name] and blocks < FORWARD_MIN_BLOCKS):
             failures.append(f"{label}: {blocks} blocks per SM, fewer than {FORWARD_MIN_BLOCKS}")
     elif "backward" in name or "logits_forward" in name:
         per_load = per_16_bytes(name)
@@ -308,5 +322,5 @@ if failures:
         print("  " + f)
     sys.exit(1)
 print(f"\ncheck-sass: passed ({len(kernels)} kernels; no spills or stack frames; logits forward "
-      f"<= {LOGITS_FORWARD_TARGET} per logit; float forward_units >= {FORWARD_MIN_BLOCKS} blocks/SM)")
+      f"<= {LOGITS_FORWARD_TARGET} per logit; typed plain-rule float forward_units >= {FORWARD_MIN_BLOCKS} blocks/SM)")
 PY

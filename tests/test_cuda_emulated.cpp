@@ -40,6 +40,7 @@
 #include "psft/cuda/clipped_loss.cuh"
 #include "psft/cuda/logits.cuh"
 #include "reference/clipped_reference.hpp"
+#include "reference/objectives_reference.hpp"
 #include "support/reductions.hpp"
 #include "support/reference_adapter.hpp"
 
@@ -227,13 +228,19 @@ struct ClippedCase {
   unsigned backward_blocks = 3;  ///< small, so that the grid-stride loop wraps
   bool unaligned_grad = false;   ///< gradient one element past an aligned address
   std::uint64_t seed = 1;
+  /// The objective rule (Note [Objective rules]); KlPenalty reads old_logp
+  /// as ref_logp, with kl_estimator.
+  psft::core::RuleId rule = psft::core::RuleId::Clipped;
+  psft::core::KlEstimatorId kl_estimator = psft::core::KlEstimatorId::K3;
 
   std::string name() const {
     return std::to_string(rows) + "x" + std::to_string(cols) + " logp " + dtype_name(logp) +
            " old " + dtype_name(old_logp) + " adv " + dtype_name(advantages) + " (" +
            layout_name(advantages_layout) + ") mask " + dtype_name(mask) + " " +
            layout_name(layout) + " " + test_support::name_of(options.reduction) +
-           (options.clip.dual_clip ? " dual" : "") + (options.normaliser ? " normaliser" : "");
+           (options.clip.dual_clip ? " dual" : "") + (options.normaliser ? " normaliser" : "") +
+           " rule " + std::to_string(static_cast<int>(rule)) + "/" +
+           std::to_string(static_cast<int>(kl_estimator));
   }
 };
 
@@ -322,6 +329,10 @@ kernels::ForwardParams<acc_t> forward_params(const ClippedCase& c, const Clipped
   a.clip = {static_cast<acc_t>(clip.eps_low), static_cast<acc_t>(clip.eps_high),
             static_cast<acc_t>(clip.dual_clip.value_or(0.0)),
             static_cast<acc_t>(clip.log_ratio_clamp), static_cast<acc_t>(clip.delta.value_or(0.0))};
+  a.clip.cispo_cap = static_cast<acc_t>(c.options.objective.cispo_cap);
+  a.clip.sapo_tau_pos = static_cast<acc_t>(c.options.objective.sapo_tau_pos);
+  a.clip.sapo_tau_neg = static_cast<acc_t>(c.options.objective.sapo_tau_neg);
+  a.clip.kl_estimator = static_cast<int>(c.kl_estimator);
   a.check_finite = c.options.check_finite;
   a.reduction = reduction_params(c.options, c.cols);
   a.layout = kernels::combine_layout(c.rows, a.chunks_per_row);
@@ -329,25 +340,14 @@ kernels::ForwardParams<acc_t> forward_params(const ClippedCase& c, const Clipped
 }
 
 /// Launches the forward_units instantiation psft_cuda.cu would
-/// (kernels::forward_path), or RuntimeInputs when `runtime`.
+/// (kernels::with_forward_kernel), or RuntimeInputs when `runtime`.
 template <class acc_t>
 void launch_forward(const kernels::ForwardParams<acc_t>& a, unsigned blocks,
-                    const cuda_emulator::Options& order, bool runtime = false) {
-  const bool dual = a.clip.dual_clip > acc_t(0);
-  const auto go = [&](auto inputs) {
-    using Inputs = decltype(inputs);
-    if (dual) {
-      cuda_emulator::launch(kernels::forward_units<acc_t, Inputs, true>, blocks, kernels::kThreads,
-                            order, a);
-    } else {
-      cuda_emulator::launch(kernels::forward_units<acc_t, Inputs, false>, blocks, kernels::kThreads,
-                            order, a);
-    }
-  };
-  const kernels::ForwardPath path =
-      runtime ? kernels::ForwardPath::Runtime
-              : kernels::forward_path(a.inputs, std::is_same<acc_t, float>::value);
-  kernels::with_forward_inputs<std::is_same<acc_t, float>::value>(path, go);
+                    const cuda_emulator::Options& order, bool runtime = false,
+                    psft::core::RuleId rule = psft::core::RuleId::Clipped) {
+  kernels::with_forward_kernel(rule, a, runtime, [&](auto kernel) {
+    cuda_emulator::launch(kernel, blocks, kernels::kThreads, order, a);
+  });
 }
 
 template <class acc_t, class out_t>
@@ -377,7 +377,8 @@ ClippedOutputs run_clipped(const ClippedCase& c, const ClippedInputs& in,
   a.metrics = out.metrics;
   a.status = out.status;
   const std::int64_t units = rows * a.chunks_per_row;
-  launch_forward(a, static_cast<unsigned>(std::max<std::int64_t>(units, 1)), order, runtime);
+  launch_forward(a, static_cast<unsigned>(std::max<std::int64_t>(units, 1)), order, runtime,
+                 c.rule);
   out.loss = static_cast<double>(loss);
 
   const std::size_t skip = c.unaligned_grad ? 1 : 0;
@@ -432,8 +433,29 @@ reference::Result reference_for(const ClippedCase& c, const ClippedInputs& in) {
       if (in.mask.present()) mask[k] = in.mask.get(r, j);
     }
   reference::Settings s = test_support::settings_for(c.options);
-  return reference::clipped_loss(static_cast<std::size_t>(c.rows), static_cast<std::size_t>(c.cols),
-                                 logp, old_logp, advantages, mask, s);
+  const auto rows = static_cast<std::size_t>(c.rows), cols = static_cast<std::size_t>(c.cols);
+  reference::VariantSettings v;
+  v.cispo_cap = c.options.objective.cispo_cap;
+  v.tau_pos = c.options.objective.sapo_tau_pos;
+  v.tau_neg = c.options.objective.sapo_tau_neg;
+  switch (c.rule) {
+    case psft::core::RuleId::Clipped:
+      return reference::clipped_loss(rows, cols, logp, old_logp, advantages, mask, s);
+    case psft::core::RuleId::CispoRelative:
+      v.variant = reference::Variant::CispoRelative;
+      break;
+    case psft::core::RuleId::CispoCapped:
+      v.variant = reference::Variant::CispoCapped;
+      break;
+    case psft::core::RuleId::Sapo:
+      v.variant = reference::Variant::Sapo;
+      break;
+    case psft::core::RuleId::KlPenalty:
+      return reference::kl_loss(rows, cols, logp, old_logp, mask, s,
+                                static_cast<reference::KlKind>(c.kl_estimator))
+          .aggregated;
+  }
+  return reference::variant_loss(rows, cols, logp, old_logp, advantages, mask, s, v);
 }
 
 double value_tolerance(DeviceDtype logp) { return logp == DeviceDtype::Double ? 1e-12 : 2e-5; }
@@ -950,6 +972,65 @@ TEST_CASE(
     }
   }
   CHECK(typed >= 8);
+}
+
+TEST_CASE("cuda clipped kernels (emulated): every objective rule against its double reference",
+          "[emulated][clipped][objectives]") {
+  // Each rule on a float and a double case, with and without advantages;
+  // the KL penalty with each estimator (its metrics are of logp vs ref_logp).
+  std::vector<ClippedCase> cases;
+  std::uint64_t seed = 700;
+  const psft::core::RuleId rules[] = {psft::core::RuleId::CispoRelative,
+                                      psft::core::RuleId::CispoCapped, psft::core::RuleId::Sapo};
+  for (psft::core::RuleId rule : rules) {
+    for (DeviceDtype t : {DeviceDtype::Float, DeviceDtype::Double, DeviceDtype::BFloat16}) {
+      ClippedCase c;
+      c.rows = 3;
+      c.cols = 301;
+      c.logp = c.old_logp = t;
+      c.advantages = DeviceDtype::Float;
+      c.mask = DeviceDtype::Float;
+      c.options = options_for(psft::Reduction::SeqMeanTokenMean);
+      c.options.objective.cispo_cap = 1.5;
+      c.rule = rule;
+      c.seed = ++seed;
+      cases.push_back(c);
+    }
+  }
+  for (int e = 0; e <= 7; ++e) {
+    ClippedCase c;
+    c.rows = 3;
+    c.cols = 130;
+    c.logp = c.old_logp = e % 2 ? DeviceDtype::Double : DeviceDtype::Float;
+    c.options = options_for(psft::Reduction::TokenMean);
+    c.rule = psft::core::RuleId::KlPenalty;
+    c.kl_estimator = static_cast<psft::core::KlEstimatorId>(e);
+    c.seed = ++seed;
+    cases.push_back(c);
+  }
+  for (const ClippedCase& c : cases) {
+    const ClippedInputs in = make_inputs(c);
+    const ClippedOutputs got = run_clipped(c, in);
+    if (c.rule == psft::core::RuleId::KlPenalty) {  // loss and gradient; no clip metrics
+      INFO(c.name());
+      const reference::Result want = reference_for(c, in);
+      CHECK(std::fabs(got.loss - want.loss) <=
+            value_tolerance(c.logp) * std::max(1.0, want.loss_magnitude));
+      // As check_against_reference: the output dtype's rounding plus the
+      // accumulation error relative to the largest (1 - e^-x cancels near 0).
+      double largest = 0;
+      for (double g : want.grad) largest = std::max(largest, std::fabs(g * c.grad_output));
+      std::size_t bad = 0;
+      for (std::size_t k = 0; k < want.grad.size(); ++k) {
+        const double w = want.grad[k] * c.grad_output;
+        bad += !(std::fabs(got.grad[k] - w) <=
+                 grad_tolerance(c.logp) * std::fabs(w) + value_tolerance(c.logp) * largest);
+      }
+      CHECK(bad == 0);
+    } else {
+      check_against_reference(c, in, got);
+    }
+  }
 }
 
 TEST_CASE("cuda clipped kernels (emulated): results do not depend on block or thread order",

@@ -1351,7 +1351,12 @@ TEST_CASE("compat::trl: every GRPO loss_type with gradient accumulation, and SFT
   grpo.delta = 1.1;  // not above 1 + epsilon_high: psft refuses it
   CHECK_THROWS_WITH(micro(0, options(0, 1)), Catch::Contains("delta"));
   grpo.delta.reset();
-  grpo.loss_type = "sapo";
+  grpo.loss_type = "sapo";  // grpo's aggregation with the SAPO rule (tests/test_objectives.cpp)
+  CHECK(options(0, 1).objective.kind == psft::Objective::Sapo);
+  CHECK(options(0, 1).reduction == psft::Reduction::SeqMeanTokenMean);
+  grpo.loss_type = "cispo";
+  CHECK(options(0, 1).objective.kind == psft::Objective::CispoCapped);
+  grpo.loss_type = "vespo";  // not one psft has
   CHECK_THROWS_WITH(options(0, 1), Catch::Contains("loss_type") && Catch::Contains("dr_grpo"));
 
   // SFT: sum(l) / num_items x P.

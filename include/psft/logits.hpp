@@ -171,6 +171,8 @@ inline LogitsOptions loss_from_logits_options(const char* api, const at::Tensor&
   TORCH_CHECK(old_logp.sizes() == labels.sizes(), api, ": old_logp must have labels' shape ",
               labels.sizes(), ", got ", old_logp.sizes());
   LogitsOptions opts = logits_opts;
+  // The entropy bonus differentiates the entropy.
+  if (loss_opts.entropy_coeff != 0.0) opts.entropy_grad = true;
   // Auto follows the loss's choice.
   if (opts.backend == Backend::Auto) {
     opts.backend = loss_opts.backend;
@@ -187,9 +189,17 @@ inline LogitsLossResult loss_from_token_logprobs(
     const char* api, const TokenLogprobs& t, const at::Tensor& labels, const at::Tensor& old_logp,
     const at::Tensor& advantages, std::int64_t ignore_index, const LossOptions& loss_opts) {
   const at::Tensor mask = labels != ignore_index;
-  const LossResult loss = clipped_loss(api, t.logp, old_logp, advantages, mask, loss_opts);
+  LossOptions policy_opts = loss_opts;
+  policy_opts.entropy_coeff = 0.0;
+  const LossResult loss = clipped_loss(api, t.logp, old_logp, advantages, mask, policy_opts);
   LogitsLossResult out;
   out.loss = loss.loss;
+  // Entropy bonus: verl's pg_loss - entropy_coeff * agg_loss(entropy).
+  if (loss_opts.entropy_coeff != 0.0) {
+    out.loss = out.loss -
+               loss_opts.entropy_coeff *
+                   aggregate_tokens(api, t.entropy, mask, policy_opts).to(out.loss.scalar_type());
+  }
   out.metrics = loss.metrics;
   out.logp = t.logp;
   out.entropy = t.entropy;

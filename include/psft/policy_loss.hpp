@@ -132,26 +132,78 @@ struct LossResult {
 
 namespace detail {
 
-inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at::Tensor& old_logp,
-                               const at::Tensor& advantages, const at::Tensor& mask,
-                               const LossOptions& user_opts) {
-  const ClippedLossInputs in =
-      check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, user_opts);
+/// What run_clipped_loss returns: the loss, the packed metrics and the mean
+/// per-token loss (all 0-d but the metrics).
+struct ClippedLossValues {
+  at::Tensor loss, metrics, token_loss_mean;
+};
+
+/// old_logp' = logp - mean_t(logp - old_logp) over each row's unmasked
+/// tokens (mask-weighted, the count clamped to >= 1 as verl and TRL do), so
+/// that every token's log-ratio is its sequence's with d/dlogp = 1: GSPO's
+/// sg(log s_i) + logp - sg(logp) (RatioLevel::Sequence).
+inline at::Tensor sequence_old_logp(const ClippedLossInputs& in) {
+  const at::ScalarType acc = accumulate_type(in.logp.scalar_type());
+  const at::Tensor logp = in.logp.detach().reshape({in.rows, in.cols}).to(acc);
+  const at::Tensor old = in.old_logp.reshape({in.rows, in.cols}).to(acc);
+  const at::Tensor weight =
+      in.mask.defined() ? in.mask.reshape({in.rows, in.cols}).to(acc) : at::ones_like(logp);
+  const at::Tensor valid = weight != 0;
+  const at::Tensor zero = at::zeros({}, logp.options());
+  const at::Tensor sum = at::where(valid, (logp - old) * weight, zero).sum(1, true);
+  const at::Tensor count = at::where(valid, weight, zero).sum(1, true).clamp_min(1.0);
+  return (logp - sum / count).reshape(in.logp.sizes());
+}
+
+/// Validated inputs through the chosen backend, with autograd when logp
+/// needs a gradient.
+inline ClippedLossValues run_clipped_loss(ClippedLossInputs in, const LossOptions& user_opts) {
   const LossOptions opts = core::resolve_sequence_count(user_opts, in.rows);
-  const Backend backend = backend_for(logp, opts.backend);
-  LossResult result;
-  at::Tensor metrics;
-  if (logp.requires_grad() && torch::autograd::GradMode::is_enabled()) {
-    auto outs = autograd::ClippedLossFunction::apply(logp, &in, &opts, backend);
-    result.loss = outs[0];
-    metrics = outs[1];
+  if (opts.objective.ratio_level == RatioLevel::Sequence) in.old_logp = sequence_old_logp(in);
+  const Backend backend = backend_for(in.logp, opts.backend);
+  ClippedLossValues v;
+  if (in.logp.requires_grad() && torch::autograd::GradMode::is_enabled()) {
+    auto outs = autograd::ClippedLossFunction::apply(in.logp, &in, &opts, backend);
+    v.loss = outs[0];
+    v.metrics = outs[1];
+    v.token_loss_mean = outs[2];
   } else {
     ClippedLossOutputs out = run_clipped_loss_forward(in, opts, backend, /*need_grad=*/false);
-    result.loss = out.loss;
-    metrics = out.metrics;
+    v.loss = out.loss;
+    v.metrics = out.metrics;
+    v.token_loss_mean = out.token_loss_mean;
   }
-  result.metrics = LossMetrics::from_packed(metrics);
+  return v;
+}
+
+inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at::Tensor& old_logp,
+                               const at::Tensor& advantages, const at::Tensor& mask,
+                               const LossOptions& opts) {
+  TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff (", opts.entropy_coeff,
+              ") needs the logits; use the from-logits loss, or add -entropy_coeff x the "
+              "aggregated entropy yourself");
+  const ClippedLossValues v = run_clipped_loss(
+      check_clipped_loss_inputs(api, logp, old_logp, advantages, mask, opts), opts);
+  LossResult result;
+  result.loss = v.loss;
+  result.metrics = LossMetrics::from_packed(v.metrics);
   return result;
+}
+
+/// agg(values) with opts' reduction and normaliser (the aggregation of the
+/// policy loss), differentiable in values: the KL penalty's K1 rule with a
+/// zero reference, whose per-token loss is the value itself and whose
+/// gradient is 1 (the entropy bonus's aggregation).
+inline at::Tensor aggregate_tokens(const char* api, const at::Tensor& values,
+                                   const at::Tensor& mask, const LossOptions& opts) {
+  LossOptions agg_opts = opts;
+  agg_opts.objective = ObjectiveOptions();
+  agg_opts.entropy_coeff = 0.0;
+  ClippedLossInputs in = check_clipped_loss_inputs(api, values, at::zeros_like(values.detach()),
+                                                   at::Tensor(), mask, agg_opts);
+  in.rule = core::RuleId::KlPenalty;
+  in.kl_estimator = core::KlEstimatorId::K1;
+  return run_clipped_loss(in, agg_opts).loss;
 }
 
 }  // namespace detail
@@ -164,6 +216,8 @@ inline LossResult clipped_loss(const char* api, const at::Tensor& logp, const at
 ///
 /// aggregated by opts.reduction (verl's definitions). The gradient flows to
 /// logp only: dl/dlogp = -A r I_trust (zero where a clip binds).
+/// opts.objective selects another per-token rule (CISPO, SAPO) and the
+/// sequence-level ratio (GSPO); see docs/objectives.md.
 ///
 /// \param logp        [B, T] or [N] log-probabilities of the taken tokens
 ///                    under the current policy; any float dtype and strides.
@@ -205,7 +259,9 @@ inline at::Tensor trust_region_mask(const at::Tensor& logp, const at::Tensor& ol
   const detail::ClippedLossInputs in =
       detail::check_clipped_loss_inputs(api, logp, old_logp, advantages, at::Tensor(), opts);
   at::NoGradGuard no_grad;
-  return composed::token_terms(in, clip).trusted.reshape(logp.sizes());
+  return composed::token_terms(in, opts)
+      .rule.trusted.expand({in.rows, in.cols})
+      .reshape(logp.sizes());
 }
 
 PSFT_NAMESPACE_END

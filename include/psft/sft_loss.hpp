@@ -18,10 +18,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "psft/autograd/anchor_kl_function.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/options.hpp"
 #include "psft/core/reduction.hpp"
@@ -30,6 +32,7 @@
 #include "psft/detail/clipped_loss_types.hpp"
 #include "psft/detail/mask.hpp"
 #include "psft/logits.hpp"
+#include "psft/policy_loss.hpp"
 
 PSFT_NAMESPACE_BEGIN
 
@@ -78,6 +81,8 @@ inline SftLossResult sft_loss(const at::Tensor& logp, const at::Tensor& mask,
                               SftVariant variant = SftVariant::Nll, const LossOptions& opts = {}) {
   const char* api = "psft::sft_loss";
   detail::check_float_tensor(api, "logp", logp);
+  TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff (", opts.entropy_coeff,
+              ") needs the logits; use sft_loss_from_logits");
   TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api, ": logp must have shape [B, T] or [N], got ",
               logp.sizes());
   at::Tensor checked_mask;
@@ -166,25 +171,171 @@ struct SftLogitsLossResult {
 /// \param labels      int64, logits' shape without V (Note [Label shift]: no
 ///                    shift is applied).
 /// \param variant     Nll or Dft.
-/// \param opts        reduction, normaliser, norm_constant (as sft_loss).
+/// \param opts        reduction, normaliser, norm_constant (as sft_loss), and
+///                    entropy_coeff: the entropy bonus, loss - entropy_coeff x
+///                    agg(entropy) (as the policy losses from logits).
 /// \param logits_opts ignore_index, temperature, backend (as token_logprobs).
 /// \throws c10::Error naming the argument on bad input.
 inline SftLogitsLossResult sft_loss_from_logits(const at::Tensor& logits, const at::Tensor& labels,
                                                 SftVariant variant = SftVariant::Nll,
                                                 const LossOptions& opts = {},
                                                 const LogitsOptions& logits_opts = {}) {
-  TORCH_CHECK(labels.defined(), "psft::sft_loss_from_logits: labels is an undefined tensor");
-  const TokenLogprobs t = token_logprobs(logits, labels, logits_opts);
+  const char* api = "psft::sft_loss_from_logits";
+  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
+  LogitsOptions pass_opts = logits_opts;
+  if (opts.entropy_coeff != 0.0) pass_opts.entropy_grad = true;  // the entropy bonus
+  const TokenLogprobs t = token_logprobs(logits, labels, pass_opts);
   const at::Tensor mask = labels != logits_opts.ignore_index;
-  const SftLossResult r = sft_loss(t.logp, mask, variant, opts);
+  LossOptions sft_opts = opts;
+  sft_opts.entropy_coeff = 0.0;
+  const SftLossResult r = sft_loss(t.logp, mask, variant, sft_opts);
   SftLogitsLossResult out;
   out.loss = r.loss;
+  if (opts.entropy_coeff != 0.0) {  // loss - entropy_coeff x agg(entropy), as the policy losses
+    out.loss =
+        out.loss -
+        opts.entropy_coeff *
+            detail::aggregate_tokens(api, t.entropy, mask, sft_opts).to(out.loss.scalar_type());
+  }
   out.nll_mean = r.nll_mean;
   out.token_count = r.token_count;
   out.logp = t.logp;
   out.entropy = t.entropy;
   out.entropy_mean = masked_entropy_mean(t.entropy, mask);
   return out;
+}
+
+/// Result of asft_loss_from_logits.
+struct AsftLossResult {
+  /// agg(-sg(p) log p) + kl_coef x agg(KL(pi_ref || pi_theta)), 0-d.
+  at::Tensor loss;
+  /// Mask-weighted mean of -log p over the scored tokens (float64).
+  at::Tensor nll_mean;
+  /// Mask-weighted mean of the per-token KL(pi_ref || pi_theta) (float64).
+  at::Tensor kl_mean;
+  /// Per-token log-probabilities (0 at ignore_index).
+  at::Tensor logp;
+  /// Per-token KL(pi_ref || pi_theta) over the vocabulary (0 at ignore_index).
+  at::Tensor kl;
+};
+
+/// Anchored SFT (ASFT, Zhu et al. 2025, "Anchored Supervised Fine-Tuning"):
+/// DFT's loss with a KL anchor to a reference model (the model fine-tuning
+/// started from) over the whole vocabulary at every scored token,
+///
+///   loss = agg(-sg(p) log p) + kl_coef x agg(KL(pi_ref || pi_theta)),
+///   KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)),
+///
+/// both aggregated by opts.reduction with opts.normaliser (kl_coef 0.05 to
+/// 0.1 in the paper). The DFT term runs through the fused logits pass; the
+/// anchor through ATen ops over chunks of rows (logits_opts.
+/// composed_chunk_bytes per float temporary), which keep no [tokens, V]
+/// tensor beyond a chunk and recompute both softmaxes in backward: it reads
+/// both logits twice, a fused pass would read them once. The gradient flows
+/// to logits only; ref_logits is a constant.
+/// \param logits      [B, T, V] or [N, V] policy logits (see token_logprobs).
+/// \param ref_logits  the reference model's logits, same shape (any float dtype).
+/// \param labels      int64, logits' shape without V; ignore_index is not scored.
+/// \throws c10::Error naming the argument on bad input.
+inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                            const at::Tensor& labels, double kl_coef = 0.05,
+                                            const LossOptions& opts = {},
+                                            const LogitsOptions& logits_opts = {}) {
+  const char* api = "psft::asft_loss_from_logits";
+  TORCH_CHECK(std::isfinite(kl_coef) && kl_coef >= 0, api,
+              ": kl_coef must be finite and >= 0, got ", kl_coef);
+  TORCH_CHECK(ref_logits.defined(), api, ": ref_logits is an undefined tensor");
+  TORCH_CHECK(logits.defined(), api, ": logits is an undefined tensor");
+  detail::check_float_tensor(api, "ref_logits", ref_logits);
+  TORCH_CHECK(ref_logits.sizes() == logits.sizes(), api, ": ref_logits must have logits' shape ",
+              logits.sizes(), ", got ", ref_logits.sizes());
+  TORCH_CHECK(ref_logits.device() == logits.device(), api, ": ref_logits is on ",
+              ref_logits.device(), " but logits is on ", logits.device());
+  TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff is not part of ASFT");
+  const SftLogitsLossResult dft =
+      sft_loss_from_logits(logits, labels, SftVariant::Dft, opts, logits_opts);
+  const at::Tensor scored = labels != logits_opts.ignore_index;
+  const std::int64_t vocab = logits.size(-1);
+  const at::Tensor kl =
+      autograd::AnchorKlFunction::apply(
+          logits.reshape({-1, vocab}), ref_logits.detach().reshape({-1, vocab}),
+          scored.reshape({-1}), logits_opts.temperature, logits_opts.composed_chunk_bytes)
+          .reshape(labels.sizes());
+  if (opts.check_finite) {
+    TORCH_CHECK(
+        at::logical_and(scored, kl.detach().isfinite().logical_not()).any().item<bool>() == false,
+        api,
+        ": the anchor KL is NaN or Inf at a scored token (a NaN or +-inf in "
+        "ref_logits?)");
+  }
+  AsftLossResult out;
+  out.loss = dft.loss +
+             kl_coef * detail::aggregate_tokens(api, kl, scored, opts).to(dft.loss.scalar_type());
+  out.nll_mean = dft.nll_mean;
+  out.kl_mean = detail::masked_nll_mean(-kl.detach(), scored);  // the mean of kl
+  out.logp = dft.logp;
+  out.kl = kl;
+  return out;
+}
+
+/// iw-SFT's importance weight: per sequence or per token.
+enum class IwSftLevel {
+  /// w_i = clamp(exp(mean_t (logp - ref_logp)), 0, max_weight) for the whole sequence
+  Sequence,
+  /// w_t = clamp(exp(logp_t - ref_logp_t), token_low, token_high)
+  Token,
+};
+
+/// Settings of iw_sft_loss (the paper's values by default).
+struct IwSftOptions {
+  IwSftLevel level = IwSftLevel::Sequence;  ///< sequence (the paper's) or token weights
+  double max_weight = 16.0;                 ///< Sequence: the weight's upper clamp, > 0
+  double token_low = 0.2;                   ///< Token: the weight's lower clamp, in (0, 1]
+  double token_high = 1.8;                  ///< Token: the weight's upper clamp, >= 1
+};
+
+/// Importance-weighted SFT (iw-SFT, Qin & Springenberg 2025, "Supervised
+/// fine tuning on curated data is reinforcement learning"): the NLL of each
+/// token weighted by sg(w), l = -sg(w) logp, with w the clamped ratio of the
+/// current policy to a reference (the start of fine-tuning, or a lagged
+/// copy). This is CISPO's rule with A = 1 and ref_logp as the old policy
+/// (CispoCapped at sequence level, CispoRelative per token; docs/objectives.md),
+/// run by the same backends. Aggregated by opts.reduction with opts.normaliser;
+/// metrics.clip_frac is the fraction of tokens whose weight was clamped.
+/// \throws c10::Error naming the argument on bad input.
+inline LossResult iw_sft_loss(const at::Tensor& logp, const at::Tensor& ref_logp,
+                              const at::Tensor& mask, const IwSftOptions& iw = {},
+                              const LossOptions& opts = {}) {
+  const char* api = "psft::iw_sft_loss";
+  TORCH_CHECK(iw.level == IwSftLevel::Sequence || iw.level == IwSftLevel::Token, api,
+              ": level must be IwSftLevel::Sequence or Token, got ", static_cast<int>(iw.level));
+  LossOptions o = opts;
+  if (iw.level == IwSftLevel::Sequence) {
+    TORCH_CHECK(std::isfinite(iw.max_weight) && iw.max_weight > 0, api,
+                ": max_weight must be finite and > 0, got ", iw.max_weight);
+    o.objective.kind = Objective::CispoCapped;
+    o.objective.ratio_level = RatioLevel::Sequence;
+    o.objective.cispo_cap = iw.max_weight;
+  } else {
+    TORCH_CHECK(std::isfinite(iw.token_low) && iw.token_low > 0 && iw.token_low <= 1, api,
+                ": token_low must be in (0, 1], got ", iw.token_low);
+    TORCH_CHECK(std::isfinite(iw.token_high) && iw.token_high >= 1, api,
+                ": token_high must be finite and >= 1, got ", iw.token_high);
+    o.objective.kind = Objective::CispoRelative;
+    o.objective.ratio_level = RatioLevel::Token;
+    o.clip.eps_low = 1.0 - iw.token_low;
+    o.clip.eps_high = iw.token_high - 1.0;
+  }
+  o.clip.dual_clip.reset();
+  o.clip.delta.reset();
+  TORCH_CHECK(o.entropy_coeff == 0.0, api, ": entropy_coeff (", o.entropy_coeff,
+              ") needs the logits");
+  const detail::ClippedLossValues v = detail::run_clipped_loss(
+      detail::check_clipped_loss_inputs(api, logp, ref_logp, at::Tensor(), mask, o, "ref_logp"), o);
+  LossResult result;
+  result.loss = v.loss;
+  result.metrics = LossMetrics::from_packed(v.metrics);
+  return result;
 }
 
 PSFT_NAMESPACE_END

@@ -10,14 +10,30 @@ logits on the from-logits paths) and every metric both report.
 How each peer function is called
 --------------------------------
 verl (verl.trainer.ppo.core_algos, verl.utils.torch_functional):
-  - get_policy_loss_fn("vanilla"), i.e. compute_policy_loss_vanilla, with a
-    real verl.workers.config.ActorConfig (strategy "fsdp", rollout_n 1,
-    ppo_micro_batch_size_per_gpu 1, and the clip/aggregation fields of the
-    case; fields the case leaves unset keep ActorConfig's defaults). Its
-    global_batch_info dict is filled as verl.workers.utils.losses.ppo_loss
-    fills it (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
-    = config.loss_scale_factor); None counts select agg_loss's local path.
-    The response mask is bool, as ppo_loss makes it.
+  - get_policy_loss_fn(config.policy_loss.loss_mode) as ppo_loss calls it:
+    compute_policy_loss_vanilla, and compute_policy_loss_gspo, _cispo and
+    _sapo for the loss_mode rows (compat::verl::loss_options with the same
+    loss_mode, tau_pos, tau_neg), with a real verl.workers.config.ActorConfig
+    (strategy "fsdp", rollout_n 1, ppo_micro_batch_size_per_gpu 1,
+    policy_loss = PolicyLossConfig(loss_mode) where the case sets one, and
+    the clip/aggregation/tau fields of the case; fields the case leaves unset
+    keep ActorConfig's defaults). Its global_batch_info dict is filled as
+    verl.workers.utils.losses.ppo_loss fills it (dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor = config.loss_scale_factor); None
+    counts select agg_loss's local path. The response mask is bool, as
+    ppo_loss makes it. gspo runs in every loss_agg_mode; sapo is compared
+    with several loss_agg_modes, which verl and psft both ignore for it
+    (seq-mean-token-mean). Metrics: pg_clipfrac, pg_clipfrac_lower (0 for
+    gspo, cispo and sapo) and ppo_kl against psft's clip_frac, clip_frac_dual
+    and approx_kl_k1.
+  - kl_penalty(logprob, ref_logprob, kl_penalty=kl_loss_type) for every
+    kl_loss_type (kl, k1, abs, mse, k2, low_var_kl, k3 and the straight-
+    through k1+, abs+, k3+, low_var_kl+), aggregated by agg_loss with the
+    actor's loss_agg_mode and global_batch_info as ppo_loss does for
+    use_kl_loss, against psft::kl_penalty with
+    compat::verl::kl_estimator(kl_loss_type) and the actor's loss_options;
+    log-ratios up to +-25 (beyond k3's clamps). psft's kl_mean is compared
+    with verl_F.masked_mean of the per-token estimate.
   - agg_loss directly on arbitrary loss matrices, against psft::sft_loss (Nll
     on logp = -loss_mat), which aggregates with the same reduction code.
   - Data parallel: the batch is split into D rank shards; each rank's loss
@@ -44,7 +60,17 @@ TRL (trl.trainer.grpo_trainer, trl.trainer.sft_trainer):
     With gradient accumulation both sides sum the micro-batch losses. The
     metrics TRL appends to _metrics["train"] (clip_ratio/low_mean,
     high_mean, region_mean) are compared with psft's clip_frac_low,
-    clip_frac_high and their sum.
+    clip_frac_high and their sum; cispo's cispo_clip_ratio with clip_frac.
+    At importance_sampling_level "sequence" TRL's clip metrics are means
+    over rows (empty ones included) while psft's are over tokens, so they
+    are not compared there. loss_type sapo and cispo (epsilon_high 5 and
+    1.3), importance_sampling_level "sequence", and beta != 0 with
+    inputs["ref_per_token_logps"] (use_bias_correction_kl False): psft adds
+    beta x psft::kl_penalty(K3Unclamped) with the same options, and its
+    kl_mean is compared with TRL's "kl" metric. TRL's sapo temperatures are
+    float32 (torch.where on two Python floats): the sapo rows use
+    temperatures float32 represents (1.0 / f32(1.05), 0.5 / 2.0), one row
+    TRL's defaults 1.0 / 1.05.
   - SFTTrainer.compute_loss, the real method, on a plain object likewise,
     with a fake model whose forward(fused_lm_head=True) returns TRL's own
     FusedCausalLMOutput with log_probs (zero at ignored labels), label_mask,
@@ -62,6 +88,9 @@ Intended differences (asserted as differences, never hidden)
 -------------------------------------------------------------
   - An empty batch: psft's loss is 0 with zero gradients; verl's token-mean
     and seq-mean local paths divide 0 by 0 and give NaN.
+  - verl's gspo clamps the sequence log-ratio only from above (at 10), psft
+    at +-10 (compat/verl.hpp); the gspo inputs keep every row's mean
+    log-ratio above -9.5, and one row has a mean of 10.5.
   - TRL does not clamp the log-ratio; psft clamps it at +-20 as verl does.
     The TRL cases keep |log-ratio| < 20; one case with |log-ratio| up to 25
     asserts that psft equals TRL on inputs clamped to +-20 and that the
@@ -254,9 +283,14 @@ VERL_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-m
 
 
 def verl_config(actor):
-    from verl.workers.config import ActorConfig
+    """A real ActorConfig; the case's loss_mode goes where verl reads it,
+    policy_loss.loss_mode (a PolicyLossConfig)."""
+    from verl.workers.config import ActorConfig, PolicyLossConfig
 
     fields = dict(actor)
+    loss_mode = fields.pop("loss_mode", None)
+    if loss_mode is not None:
+        fields["policy_loss"] = PolicyLossConfig(loss_mode=loss_mode)
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **fields)
 
 
@@ -268,16 +302,19 @@ def verl_fill_global_batch_info(config, info):
     config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
 
 
-def verl_vanilla(core_algos, logp, old, adv, mask, actor, info):
-    """verl's vanilla loss. verl's advantages are per token ([B, T]); psft also
-    takes one per row ([B]) or a scalar, which verl gets expanded."""
+def verl_pg_loss(core_algos, logp, old, adv, mask, actor, info):
+    """verl's policy loss as ppo_loss calls it: the function registered for
+    config.policy_loss.loss_mode (vanilla unless the case sets loss_mode),
+    with loss_agg_mode = config.loss_agg_mode. verl's advantages are per
+    token ([B, T]); psft also takes one per row ([B]) or a scalar, which verl
+    gets expanded."""
     if adv.dim() == 1:
         adv = adv.unsqueeze(1).expand_as(logp)
     config = verl_config(actor)
     verl_fill_global_batch_info(config, info)
-    loss_fn = core_algos.get_policy_loss_fn("vanilla")
+    loss_fn = core_algos.get_policy_loss_fn(config.policy_loss.get("loss_mode", "vanilla"))
     return loss_fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                   loss_agg_mode=config.loss_agg_mode, config=config)
+                   loss_agg_mode=config.loss_agg_mode, config=config, rollout_is_weights=None)
 
 
 def psft_info(info):
@@ -310,12 +347,46 @@ def run_verl_policy(ext, core_algos, c, inputs, actor, info, tol=F64_TOL, float_
     verl_mask = mask.to(torch.float64) if float_mask else mask
     x_psft, x_verl = leaf(logp), leaf(logp)
     mine = ext.verl_policy_loss(x_psft, old, adv, verl_mask, dict(actor), psft_info(info))
-    peer_loss, peer_metrics = verl_vanilla(core_algos, x_verl, old, adv, verl_mask, actor, info)
+    peer_loss, peer_metrics = verl_pg_loss(core_algos, x_verl, old, adv, verl_mask, actor, info)
     g_psft, g_verl = grad_of(mine["loss"], x_psft), grad_of(peer_loss, x_verl)
     c.compare("loss", label, mine["loss"], peer_loss, tol)
     c.compare("grad", label + " grad", g_psft, g_verl, tol)
     compare_verl_metrics(c, label, mine["metrics"], peer_metrics, float_mask)
     return mine["loss"], peer_loss, g_psft, g_verl
+
+
+def run_verl_split(ext, core_algos, c, inputs, actor, parts, dp):
+    """The rows in `parts` micro-batches (dp 1: gradient accumulation) or dp
+    ranks, each with the whole batch's global counts: every part is compared,
+    and on each side the step (gradients / dp, losses summed / dp) must be the
+    whole batch's."""
+    logp, old, adv, mask = inputs
+    counts = global_counts(mask)
+    losses_psft, losses_verl, grads_psft, grads_verl = [], [], [], []
+    for rows in torch.arange(logp.shape[0]).chunk(parts):
+        part = (logp[rows], old[rows], adv[rows], mask[rows])
+        info = dict(counts, dp_size=dp)
+        lp, lv, gp, gv = run_verl_policy(ext, core_algos, c, part, actor, info,
+                                         label="part %d" % len(losses_psft))
+        losses_psft.append(lp.detach())
+        losses_verl.append(lv.detach())
+        grads_psft.append(gp)
+        grads_verl.append(gv)
+    # DDP averages the ranks' gradients; micro-batch losses are summed.
+    # Either way the step is the whole batch's (global counts, dp 1).
+    x_psft, x_verl = leaf(logp), leaf(logp)
+    whole_psft = ext.verl_policy_loss(x_psft, old, adv, mask, actor, psft_info(counts))
+    whole_verl, _ = verl_pg_loss(core_algos, x_verl, old, adv, mask, actor, counts)
+    step_psft = torch.cat(grads_psft) / dp
+    step_verl = torch.cat(grads_verl) / dp
+    c.compare("grad", "psft step grad vs psft whole-batch grad", step_psft,
+              grad_of(whole_psft["loss"], x_psft), F64_TOL)
+    c.compare("grad", "verl step grad vs verl whole-batch grad", step_verl,
+              grad_of(whole_verl, x_verl), F64_TOL)
+    c.compare("loss", "psft sum of parts / dp vs whole", sum(losses_psft) / dp,
+              whole_psft["loss"], F64_TOL)
+    c.compare("loss", "verl sum of parts / dp vs whole", sum(losses_verl) / dp,
+              whole_verl, F64_TOL)
 
 
 def global_counts(mask):
@@ -370,7 +441,7 @@ def verl_cases(ext, core_algos):
         c = case("verl vanilla", "%s dp_size=2 without global counts: both refuse" % mode)
         logp, old, adv, mask = policy_inputs(8)
         try:
-            verl_vanilla(core_algos, logp, old, adv, mask, {"loss_agg_mode": mode},
+            verl_pg_loss(core_algos, logp, old, adv, mask, {"loss_agg_mode": mode},
                          {"dp_size": 2})
             c.expect(False, "verl accepted dp_size 2 without global counts")
         except ValueError:
@@ -386,36 +457,10 @@ def verl_cases(ext, core_algos):
     for mode in VERL_MODES:
         for parts, dp in ((2, 1), (2, 2), (4, 4)):
             inputs = policy_inputs(300 + parts * 10 + dp, rows=8)
-            logp, old, adv, mask = inputs
-            counts = global_counts(mask)
             actor = {"loss_agg_mode": mode, "clip_ratio_high": 0.28}
             what = "ranks" if dp > 1 else "micro-batches"
             c = case("verl split", "%s %d %s dp=%d" % (mode, parts, what, dp))
-            losses_psft, losses_verl, grads_psft, grads_verl = [], [], [], []
-            for rows in torch.arange(logp.shape[0]).chunk(parts):
-                part = (logp[rows], old[rows], adv[rows], mask[rows])
-                info = dict(counts, dp_size=dp)
-                lp, lv, gp, gv = run_verl_policy(ext, core_algos, c, part, actor, info,
-                                                 label="part %d" % len(losses_psft))
-                losses_psft.append(lp.detach())
-                losses_verl.append(lv.detach())
-                grads_psft.append(gp)
-                grads_verl.append(gv)
-            # DDP averages the ranks' gradients; micro-batch losses are summed.
-            # Either way the step is the whole batch's (global counts, dp 1).
-            x_psft, x_verl = leaf(logp), leaf(logp)
-            whole_psft = ext.verl_policy_loss(x_psft, old, adv, mask, actor, psft_info(counts))
-            whole_verl, _ = verl_vanilla(core_algos, x_verl, old, adv, mask, actor, counts)
-            step_psft = torch.cat(grads_psft) / dp
-            step_verl = torch.cat(grads_verl) / dp
-            c.compare("grad", "psft step grad vs psft whole-batch grad", step_psft,
-                      grad_of(whole_psft["loss"], x_psft), F64_TOL)
-            c.compare("grad", "verl step grad vs verl whole-batch grad", step_verl,
-                      grad_of(whole_verl, x_verl), F64_TOL)
-            c.compare("loss", "psft sum of parts / dp vs whole", sum(losses_psft) / dp,
-                      whole_psft["loss"], F64_TOL)
-            c.compare("loss", "verl sum of parts / dp vs whole", sum(losses_verl) / dp,
-                      whole_verl, F64_TOL)
+            run_verl_split(ext, core_algos, c, inputs, actor, parts, dp)
 
     # A float64 mask: verl's (count + 1e-8) stays float64 (see the docstring).
     for mode in VERL_MODES:
@@ -451,7 +496,7 @@ def verl_cases(ext, core_algos):
             x_psft, x_verl = leaf(logp), leaf(logp)
             mine = ext.verl_policy_loss(x_psft, old, adv, mask, {"loss_agg_mode": mode},
                                         psft_info(info))
-            peer_loss, peer_metrics = verl_vanilla(core_algos, x_verl, old, adv, mask,
+            peer_loss, peer_metrics = verl_pg_loss(core_algos, x_verl, old, adv, mask,
                                                    {"loss_agg_mode": mode}, info)
             g_psft, g_verl = grad_of(mine["loss"], x_psft), grad_of(peer_loss, x_verl)
             verl_nan = mode != "token-sum" and info_name == "local"
@@ -488,6 +533,166 @@ def verl_cases(ext, core_algos):
             c.compare("loss", "loss", mine["loss"], peer, F64_TOL)
             c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer, x_verl),
                       F64_TOL)
+
+
+def row_mean_log_ratio(logp, old, mask):
+    """Each row's mean log-ratio over its unmasked tokens (count clamped to 1),
+    as verl's gspo and TRL's sequence level compute it."""
+    m = mask.to(logp.dtype)
+    return ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def gspo_inputs(seed, adv="row", above=None, dtype=torch.float64, extreme=19.5):
+    """policy_inputs with every row's mean log-ratio above -10 (verl's gspo
+    clamps log s only from above, psft at +-10: see the docstring): a row
+    whose mean is below -9 gets its log-ratios shifted up to a mean of -4.
+    `above`: that row's mean is moved to 10.5 (s clamped at e^10 by both)."""
+    logp, old, advantages, mask = policy_inputs(seed, extreme=extreme, adv=adv)
+    means = row_mean_log_ratio(logp, old, mask)
+    shift = torch.where(means < -9.0, -4.0 - means, torch.zeros_like(means))
+    if above is not None:
+        shift[above] = 10.5 - means[above]
+    logp = logp + shift.unsqueeze(1) * mask
+    assert bool((row_mean_log_ratio(logp, old, mask)[mask.any(-1)] > -9.5).all())
+    return logp.to(dtype), old.to(dtype), advantages.to(dtype), mask
+
+
+def verl_objective_cases(ext, core_algos):
+    """verl's gspo, cispo and sapo policy losses (compat::verl::loss_options
+    with loss_mode), local and with global counts, in the aggregation modes
+    each one reads."""
+    seed = 1200
+    clips = {
+        "default": {},
+        "psft": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
+        # The GSPO paper's widths (3e-4 / 4e-4): the sequence clip binds on most rows.
+        "gspo-paper": {"clip_ratio_low": 3e-4, "clip_ratio_high": 4e-4},
+    }
+    for loss_mode, variants in (("gspo", (("default", "token"), ("gspo-paper", "row"))),
+                                ("cispo", (("default", "row"), ("psft", "token")))):
+        for mode in VERL_MODES:
+            for clip_name, adv in variants:
+                seed += 1
+                if loss_mode == "gspo":
+                    inputs = gspo_inputs(seed, adv=adv)
+                else:
+                    inputs = policy_inputs(seed, extreme=19.5, adv=adv)
+                actor = dict(clips[clip_name], loss_mode=loss_mode, loss_agg_mode=mode)
+                for info_name in ("local", "global"):
+                    info = {} if info_name == "local" else global_counts(inputs[3])
+                    c = case("verl %s" % loss_mode,
+                             "%s %s adv=%s %s" % (mode, clip_name, adv, info_name))
+                    run_verl_policy(ext, core_algos, c, inputs, actor, info)
+
+    # gspo: a sequence whose mean log-ratio is above 10 (s = e^10 on both
+    # sides, no gradient through the clamp). Loss and gradient agree; verl's
+    # ppo_kl stays the unclamped token mean of -(logp - old), while psft's
+    # approx_kl_k1 is of the ratio the objective used, log s clamped at 10:
+    # an intended difference (docs/objectives.md). Below the clamp the two
+    # are the same number (the token mean of each row's mean).
+    c = case("verl gspo", "seq-mean-token-mean row mean log-ratio 10.5 (clamp at 10)")
+    logp, old, adv, mask = gspo_inputs(1250, above=4)
+    actor = {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}
+    x_psft, x_verl = leaf(logp), leaf(logp)
+    mine = ext.verl_policy_loss(x_psft, old, adv, mask, dict(actor), psft_info({}))
+    peer_loss, peer_metrics = verl_pg_loss(core_algos, x_verl, old, adv, mask, actor, {})
+    c.compare("loss", "loss", mine["loss"], peer_loss, F64_TOL)
+    c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer_loss, x_verl), F64_TOL)
+    c.compare("metrics", "pg_clipfrac", fraction_f32(mine["metrics"]["clip_frac"]),
+              peer_metrics["actor/pg_clipfrac"], F32_ROUND)
+    psft_kl, verl_kl = float(mine["metrics"]["approx_kl_k1"]), float(peer_metrics["actor/ppo_kl"])
+    c.expect(abs(psft_kl - verl_kl) > 1e-6, "ppo_kl was expected to differ above the clamp")
+    c.note("intended: verl ppo_kl %.6g (unclamped token mean), psft approx_kl_k1 %.6g (of log s "
+           "clamped at 10)" % (verl_kl, psft_kl))
+    c = case("verl gspo", "seq-mean-token-mean adv=scalar local")
+    logp, old, _, mask = gspo_inputs(1251)
+    run_verl_policy(ext, core_algos, c, (logp, old, torch.tensor(0.9, dtype=torch.float64), mask),
+                    {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, {})
+
+    # sapo: verl aggregates by seq-mean-token-mean whatever loss_agg_mode says.
+    taus = {"default": {}, "tau 2/3": {"tau_pos": 2.0, "tau_neg": 3.0}}
+    for agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"):
+        for tau_name, adv in (("default", "row"), ("tau 2/3", "token")):
+            seed += 1
+            inputs = policy_inputs(seed, extreme=19.5, adv=adv)
+            actor = dict(taus[tau_name], loss_mode="sapo", loss_agg_mode=agg)
+            for info_name in ("local", "global"):
+                if agg != "seq-mean-token-mean" and info_name == "global":
+                    continue
+                info = {} if info_name == "local" else global_counts(inputs[3])
+                c = case("verl sapo", "loss_agg_mode=%s %s adv=%s %s"
+                         % (agg, tau_name, adv, info_name))
+                run_verl_policy(ext, core_algos, c, inputs, actor, info)
+
+    # Ranks and micro-batches with the global counts.
+    for loss_mode, mode, make in (("gspo", "seq-mean-token-mean", gspo_inputs),
+                                  ("cispo", "token-mean", policy_inputs),
+                                  ("sapo", "seq-mean-token-mean", policy_inputs)):
+        for parts, dp in ((2, 1), (4, 4)):
+            seed += 1
+            actor = {"loss_mode": loss_mode, "loss_agg_mode": mode, "clip_ratio_high": 0.28}
+            what = "ranks" if dp > 1 else "micro-batches"
+            c = case("verl split", "%s %s %d %s dp=%d" % (loss_mode, mode, parts, what, dp))
+            inputs = make(seed) if make is gspo_inputs else make(seed, extreme=19.5)
+            run_verl_split(ext, core_algos, c, inputs, actor, parts, dp)
+
+
+VERL_KL_TYPES = ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "abs+", "k3+",
+                 "low_var_kl+"]
+
+
+def verl_kl_inputs(seed, extreme=25.0, dtype=torch.float64):
+    """logp and ref_logp with log-ratios of both signs, exact zeros and up to
+    +-extreme (beyond K3's clamps at 20 and 10), and policy_inputs' masks."""
+    logp, ref, _, mask = policy_inputs(seed, extreme=extreme)
+    return logp.to(dtype), ref.to(dtype), mask
+
+
+def verl_kl_aggregations(mask):
+    """(label, actor, info) of the aggregations each kl_loss_type is compared in."""
+    counts = global_counts(mask)
+    return [
+        ("token-mean local", {"loss_agg_mode": "token-mean"}, {}),
+        ("token-mean global dp=2", {"loss_agg_mode": "token-mean"}, dict(counts, dp_size=2)),
+        ("token-sum", {"loss_agg_mode": "token-sum"}, {}),
+        ("seq-mean-token-mean local", {"loss_agg_mode": "seq-mean-token-mean"}, {}),
+        ("seq-mean-token-sum global", {"loss_agg_mode": "seq-mean-token-sum"}, counts),
+        ("seq-mean-token-sum-norm C=16", {"loss_agg_mode": "seq-mean-token-sum-norm",
+                                          "loss_scale_factor": 16}, {}),
+    ]
+
+
+def verl_kl_peer(core_algos, logp, ref, mask, kl_type, actor, info):
+    """verl's use_kl_loss term as ppo_loss computes it: kl_penalty, then
+    agg_loss with the actor's loss_agg_mode and global_batch_info."""
+    config = verl_config(actor)
+    verl_fill_global_batch_info(config, info)
+    kld = core_algos.kl_penalty(logprob=logp, ref_logprob=ref, kl_penalty=kl_type)
+    loss = core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=config.loss_agg_mode,
+                               **config.global_batch_info)
+    return loss, kld
+
+
+def verl_kl_cases(ext, core_algos, verl_F):
+    """psft::kl_penalty with compat::verl::kl_estimator(kl_loss_type) against
+    verl's kl_penalty + agg_loss; kl_mean against verl's masked_mean (its
+    kl_loss metric under token-mean)."""
+    for i, kl_type in enumerate(VERL_KL_TYPES):
+        logp, ref, mask = verl_kl_inputs(1300 + i)
+        c = case("verl kl", kl_type)
+        estimator = None
+        for label, actor, info in verl_kl_aggregations(mask):
+            x_psft, x_verl = leaf(logp), leaf(logp)
+            mine = ext.verl_kl_penalty(x_psft, ref, mask, kl_type, actor, psft_info(info))
+            peer, kld = verl_kl_peer(core_algos, x_verl, ref, mask, kl_type, actor, info)
+            c.compare("loss", label, mine["loss"], peer, F64_TOL)
+            c.compare("grad", label + " grad", grad_of(mine["loss"], x_psft),
+                      grad_of(peer, x_verl), F64_TOL)
+            c.compare("metrics", label + " kl_mean", mine["kl_mean"],
+                      verl_F.masked_mean(kld.detach(), mask), F64_TOL)
+            estimator = mine["estimator"]
+        c.name = "%s (%s), %d aggregations" % (kl_type, estimator,
+                                               len(verl_kl_aggregations(mask)))
 
 
 def verl_scale_logits(logits, temperature):
@@ -572,7 +777,7 @@ def verl_logits_cases(ext, verl_F, core_algos):
         peer_logp = verl_F.logprobs_from_logits(z, safe)
         actor = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 10.0,
                  "loss_agg_mode": "token-mean"}
-        peer_loss, peer_metrics = verl_vanilla(core_algos, peer_logp, old, ones, scored, actor, {})
+        peer_loss, peer_metrics = verl_pg_loss(core_algos, peer_logp, old, ones, scored, actor, {})
         c.compare("loss", "loss", mine["loss"], peer_loss, F64_TOL)
         c.compare("grad", "grad wrt logits", grad_of(mine["loss"], x_psft),
                   grad_of(peer_loss, x_verl), F64_TOL)
@@ -583,22 +788,42 @@ def verl_logits_cases(ext, verl_F, core_algos):
 
 def verl_spot_checks(ext, core_algos):
     """psft on float32 / bf16 inputs against verl in float64 on the same values."""
+    objectives = [
+        ("token-mean", {"loss_agg_mode": "token-mean"}),
+        ("seq-mean-token-mean", {"loss_agg_mode": "seq-mean-token-mean"}),
+        ("gspo seq-mean-token-mean", {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}),
+        ("cispo token-mean", {"loss_mode": "cispo", "loss_agg_mode": "token-mean"}),
+        ("sapo", {"loss_mode": "sapo"}),
+    ]
     for dtype, loss_tol, grad_tol in ((torch.float32, 2e-6, 2e-6),
                                       (torch.bfloat16, 2e-5, 2.0**-7)):
-        for mode in ("token-mean", "seq-mean-token-mean"):
+        name = str(dtype).replace("torch.", "")
+        for row, settings in objectives:
             logp, old, adv, mask = policy_inputs(800, extreme=SPOT_EXTREME, dtype=dtype)
-            actor = {"loss_agg_mode": mode, "clip_ratio_high": 0.28}
-            c = case("verl %s" % str(dtype).replace("torch.", ""), mode)
+            actor = dict(settings, clip_ratio_high=0.28)
+            c = case("verl %s" % name, row)
             x_psft = leaf(logp)
             mine = ext.verl_policy_loss(x_psft, old, adv, mask, actor, {})
             x_verl = leaf(logp.to(torch.float64))
-            peer_loss, peer_metrics = verl_vanilla(core_algos, x_verl, old.to(torch.float64),
+            peer_loss, peer_metrics = verl_pg_loss(core_algos, x_verl, old.to(torch.float64),
                                                    adv.to(torch.float64), mask, actor, {})
             c.compare("loss", "loss", mine["loss"], peer_loss, loss_tol)
             c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer_loss, x_verl),
                       grad_tol)
             compare_verl_metrics(c, "spot", mine["metrics"], peer_metrics, kl_tol=loss_tol)
-            c.note("psft %s vs verl float64" % str(dtype).replace("torch.", ""))
+            c.note("psft %s vs verl float64" % name)
+        for kl_type in ("low_var_kl", "k3+", "abs"):
+            logp, ref, mask = verl_kl_inputs(810, extreme=SPOT_EXTREME, dtype=dtype)
+            actor = {"loss_agg_mode": "token-mean"}
+            c = case("verl %s" % name, "kl_penalty %s token-mean" % kl_type)
+            x_psft, x_verl = leaf(logp), leaf(logp.to(torch.float64))
+            mine = ext.verl_kl_penalty(x_psft, ref, mask, kl_type, actor, {})
+            peer, _ = verl_kl_peer(core_algos, x_verl, ref.to(torch.float64), mask, kl_type,
+                                   actor, {})
+            c.compare("loss", "loss", mine["loss"], peer, loss_tol)
+            c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer, x_verl),
+                      grad_tol)
+            c.note("psft %s vs verl float64" % name)
 
 
 # ---------------------------------------------------------------------------
@@ -633,21 +858,24 @@ class IdentityAccelerator(Strict):
         return tensor
 
 
-def trl_grpo_fake(settings, ga):
+def trl_grpo_fake(settings, ga, beta=0.0):
     """The attributes GRPOTrainer._compute_loss reads, set the way
     GRPOTrainer.__init__ sets them from its args (GRPOConfig)."""
     args = Strict("args", epsilon=settings.get("epsilon", 0.2),
                   epsilon_high=settings.get("epsilon_high"), delta=settings.get("delta"),
                   steps_per_generation=settings.get("steps_per_generation", ga),
-                  use_bias_correction_kl=False)
+                  sapo_temperature_pos=settings.get("sapo_temperature_pos", 1.0),
+                  sapo_temperature_neg=settings.get("sapo_temperature_neg", 1.05),
+                  importance_sampling_level=settings.get("importance_sampling_level", "token"),
+                  beta=beta, use_bias_correction_kl=False)
     fake = Strict(
         "GRPOTrainer",
         args=args,
         loss_type=settings["loss_type"],
         epsilon_low=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        beta=0.0,
-        importance_sampling_level="token",
+        beta=args.beta,
+        importance_sampling_level=args.importance_sampling_level,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
         use_vllm=False,
@@ -662,7 +890,7 @@ def trl_grpo_fake(settings, ga):
     return fake
 
 
-def trl_grpo_call(GRPOTrainer, fake, logp_leaf, old, adv, mask, num_items):
+def trl_grpo_call(GRPOTrainer, fake, logp_leaf, old, adv, mask, num_items, ref=None):
     rows, cols = mask.shape
 
     def per_token_logps(model, input_ids, attention_mask, logits_to_keep, **kwargs):
@@ -680,47 +908,84 @@ def trl_grpo_call(GRPOTrainer, fake, logp_leaf, old, adv, mask, num_items):
     }
     if num_items is not None:
         inputs["num_items_in_batch"] = torch.tensor(num_items)
+    if ref is not None:
+        inputs["ref_per_token_logps"] = ref
     return GRPOTrainer._compute_loss(fake, Strict("model"), inputs)
 
 
+def trl_num_items(loss_type, mask):
+    """inputs["num_items_in_batch"]: the loss types that divide by it (dapo and
+    cispo) get the completion tokens of the generation batch."""
+    return int(mask.sum()) if loss_type in ("dapo", "cispo") else None
+
+
+def compare_trl_grpo_metrics(c, label, settings, metrics, trl_metrics, beta):
+    """The metrics TRL's _compute_loss appends for this loss type against
+    psft's: the clip_ratio means of the clipped types and cispo_clip_ratio
+    (token level only: at sequence level TRL averages them per sequence, psft
+    per token, see the docstring), and with beta the token mean of the KL."""
+    if settings.get("importance_sampling_level", "token") == "token":
+        if settings["loss_type"] == "cispo":
+            keys = (("cispo_clip_ratio", metrics["clip_frac"]),)
+        elif settings["loss_type"] == "sapo":
+            keys = ()
+        else:
+            keys = (("clip_ratio/low_mean", metrics["clip_frac_low"]),
+                    ("clip_ratio/high_mean", metrics["clip_frac_high"]),
+                    ("clip_ratio/region_mean",
+                     metrics["clip_frac_low"] + metrics["clip_frac_high"]))
+        for key, value in keys:
+            c.compare("metrics", label + " " + key, fraction_f32(value), trl_metrics[key][-1],
+                      F32_ROUND)
+    if beta != 0.0:
+        c.compare("metrics", label + " kl", metrics["kl_mean"], trl_metrics["kl"][-1], F64_TOL)
+
+
 def trl_grpo_run(ext, GRPOTrainer, c, inputs, settings, ga=1, ranks=1, micro=None,
-                 tol=F64_TOL):
+                 tol=F64_TOL, beta=0.0, ref=None, grad_differs=None):
     """TRL and psft over `ranks` x `micro` (default: ga) micro-batches of the
-    rows, one generation batch (dapo's num_items_in_batch counts all of it);
-    returns the per-micro-batch gradients of both sides."""
+    rows, one generation batch (dapo's and cispo's num_items_in_batch counts
+    all of it); with beta, TRL's KL term to the reference log-probabilities
+    `ref` (psft: + beta kl_penalty(K3Unclamped) with the same options).
+    Returns the per-micro-batch gradients of both sides."""
     logp, old, adv, mask = inputs
     mask = mask.to(torch.long)  # TRL's completion_mask is an integer tensor
     settings = dict(settings, num_processes=ranks)
-    num_items = int(mask.sum()) if settings["loss_type"] == "dapo" else None
+    num_items = trl_num_items(settings["loss_type"], mask)
     micro = micro or ga
     parts = torch.arange(logp.shape[0]).chunk(ranks * micro)
     grads_psft, grads_trl = [], []
     for rank in range(ranks):
-        fake = trl_grpo_fake(settings, ga)
+        fake = trl_grpo_fake(settings, ga, beta)
         total_psft, total_trl = 0.0, 0.0
         for step in range(micro):
             rows = parts[rank * micro + step]
             x_psft, x_trl = leaf(logp[rows]), leaf(logp[rows])
+            ref_rows = None if ref is None else ref[rows]
             mine = ext.trl_grpo_loss(x_psft, old[rows], adv[rows], mask[rows], settings,
-                                     None if num_items is None else float(num_items), ga)
+                                     None if num_items is None else float(num_items), ga,
+                                     ref_rows, beta)
             peer = trl_grpo_call(GRPOTrainer, fake, x_trl, old[rows], adv[rows], mask[rows],
-                                 num_items)
+                                 num_items, ref_rows)
             grads_psft.append(grad_of(mine["loss"], x_psft))
             grads_trl.append(grad_of(peer, x_trl))
             total_psft = total_psft + mine["loss"].detach()
             total_trl = total_trl + peer.detach()
-            m = mine["metrics"]
-            label = "rank %d step %d" % (rank, step)
-            for key, value in (("clip_ratio/low_mean", m["clip_frac_low"]),
-                               ("clip_ratio/high_mean", m["clip_frac_high"]),
-                               ("clip_ratio/region_mean", m["clip_frac_low"] + m["clip_frac_high"])):
-                c.compare("metrics", label + " " + key, fraction_f32(value),
-                          fake._metrics["train"][key][-1], F32_ROUND)
+            metrics = dict(mine["metrics"], kl_mean=mine.get("kl_mean"))
+            compare_trl_grpo_metrics(c, "rank %d step %d" % (rank, step), settings, metrics,
+                                     fake._metrics["train"], beta)
             c.compare("loss", "rank %d step %d loss" % (rank, step), mine["loss"], peer, tol)
         c.compare("loss", "rank %d sum of %d micro-batch losses" % (rank, micro), total_psft,
                   total_trl, tol)
-    c.compare("grad", "grad", torch.cat(grads_psft), torch.cat(grads_trl), tol)
-    return torch.cat(grads_psft), torch.cat(grads_trl)
+    g_psft, g_trl = torch.cat(grads_psft), torch.cat(grads_trl)
+    if grad_differs is None:
+        c.compare("grad", "grad", g_psft, g_trl, tol)
+    else:
+        scale = max(float(g_trl.abs().max()), 1e-300)
+        c.expect(float((g_psft - g_trl).abs().max()) > tol * scale,
+                 "the gradients were expected to differ (%s)" % grad_differs)
+        c.note("intended: " + grad_differs)
+    return g_psft, g_trl
 
 
 def trl_grpo_cases(ext, GRPOTrainer):
@@ -800,6 +1065,146 @@ def trl_grpo_cases(ext, GRPOTrainer):
             c.compare("loss", "loss", mine["loss"], peer, loss_tol)
             c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer, x_trl),
                       grad_tol)
+
+
+def trl_ref_logps(seed, logp, extreme=4.0):
+    """Reference log-probabilities near logp: ref - logp ~ N(0, 0.5), up to
+    +-extreme on about 10% of the tokens, exact zeros on about 5%."""
+    g = torch.Generator().manual_seed(seed)
+    diff = torch.randn(logp.shape, generator=g, dtype=torch.float64) * 0.5
+    pick = torch.rand(logp.shape, generator=g) < 0.1
+    diff[pick] = (torch.rand(int(pick.sum()), generator=g, dtype=torch.float64) * 2 - 1) * extreme
+    diff[torch.rand(logp.shape, generator=g) < 0.05] = 0.0
+    return (logp.detach().to(torch.float64) + diff).to(logp.dtype)
+
+
+# TRL's default sapo_temperature_neg as TRL computes with it (float32).
+TRL_SAPO_TAU_NEG_F32 = float(torch.tensor(1.05, dtype=torch.float32))
+
+
+def trl_objective_cases(ext, GRPOTrainer):
+    """TRL's sapo and cispo loss types, importance_sampling_level "sequence"
+    and beta != 0 (its KL term), against compat::trl::grpo_loss_options
+    (+ beta kl_penalty(K3Unclamped))."""
+    seed = 1400
+    # sapo: grpo's aggregation. TRL's temperatures are float32 (torch.where
+    # on the two Python floats), so the rows give both sides temperatures
+    # that float32 represents exactly: 1.0 / f32(1.05), and 0.5 / 2.0. The
+    # last row keeps TRL's defaults 1.0 / 1.05 on both sides: compat::trl
+    # rounds the temperatures to float32 as TRL does.
+    sapo = {"loss_type": "sapo", "sapo_temperature_neg": TRL_SAPO_TAU_NEG_F32}
+    for ga in (1, 2):
+        for adv in ("row", "token"):
+            seed += 1
+            c = case("TRL sapo", "1.0 / f32(1.05) GA=%d adv=%s" % (ga, adv))
+            trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(seed, extreme=19.5, adv=adv),
+                         sapo, ga=ga)
+    c = case("TRL sapo", "temperatures 0.5 / 2.0")
+    trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(1410, extreme=19.5, adv="token"),
+                 {"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0})
+    c = case("TRL sapo", "TRL's defaults 1.0 / 1.05 (TRL computes with f32(1.05))")
+    trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(1411, extreme=19.5), {"loss_type": "sapo"})
+
+    # cispo: dapo's aggregation, the weight min(r, epsilon_high): 5 (TRL's
+    # recommendation) and 1.3 (the cap binds on many more tokens).
+    for cap in (5.0, 1.3):
+        for ga in (1, 2):
+            for adv in ("row", "token"):
+                seed += 1
+                c = case("TRL cispo", "epsilon_high=%g GA=%d adv=%s" % (cap, ga, adv))
+                trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(seed, extreme=19.5, adv=adv),
+                             {"loss_type": "cispo", "epsilon_high": cap}, ga=ga)
+    c = case("TRL cispo", "epsilon_high=1.3, 2 processes x GA=2 (per-rank losses)")
+    trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(1420, extreme=19.5),
+                 {"loss_type": "cispo", "epsilon_high": 1.3}, ga=2, ranks=2)
+
+    # importance_sampling_level "sequence" (GSPO): TRL differentiates through
+    # the row mean of the log-ratio, psft uses s_i per token; the same step
+    # with one advantage per row (TRL's (B,) advantages). The last row has
+    # per-token advantages ([B, T], which TRL also accepts): there TRL's
+    # token t gets s_i / n_i x sum over the row's tokens of dl/ds, psft's
+    # (verl's GSPO-token) only its own token's term: an intended difference
+    # (docs/objectives.md), the losses still equal.
+    tau = {"sapo_temperature_neg": TRL_SAPO_TAU_NEG_F32}
+    sequence = [
+        ("grpo", {"epsilon": 3e-4, "epsilon_high": 4e-4}, 1, "row"),
+        ("grpo", {"epsilon_high": 0.28}, 2, "row"),
+        ("grpo", {"epsilon_high": 0.28, "delta": 1.5}, 1, "row"),
+        ("bnpo", {"epsilon_high": 0.28}, 1, "row"),
+        ("dr_grpo", {"epsilon_high": 0.28, "max_completion_length": 32}, 1, "row"),
+        ("dapo", {"epsilon_high": 0.28}, 2, "row"),
+        ("sapo", tau, 1, "row"),
+        ("sapo", tau, 2, "row"),
+        ("cispo", {"epsilon_high": 1.3}, 1, "row"),
+        ("cispo", {"epsilon_high": 5.0}, 2, "row"),
+        ("grpo", {"epsilon_high": 0.28}, 1, "token"),
+    ]
+    for loss_type, extra, ga, adv in sequence:
+        seed += 1
+        settings = dict(extra, loss_type=loss_type, importance_sampling_level="sequence")
+        shown = ["%s=%g" % (k, v) for k, v in sorted(extra.items())
+                 if k != "sapo_temperature_neg"]
+        c = case("TRL sequence", " ".join([loss_type] + shown + [
+            "GA=%d" % ga, "adv=[B, T]" if adv == "token" else "adv=[B]"]))
+        differs = None
+        if adv == "token":
+            differs = ("per-token advantages at sequence level: TRL's gradient goes through the "
+                       "row mean, psft's (verl's GSPO-token) is each token's own term; TRL's "
+                       "trainer passes one advantage per row, where they agree")
+        trl_grpo_run(ext, GRPOTrainer, c, policy_inputs(seed, extreme=19.5, adv=adv), settings,
+                     ga=ga, grad_differs=differs)
+
+    # beta != 0: TRL adds beta (e^(ref - logp) - (ref - logp) - 1) per token
+    # before aggregating; psft adds beta kl_penalty(K3Unclamped), same options.
+    with_beta = [
+        ("grpo", {"epsilon_high": 0.28}, 0.04, 1, 1, "row"),
+        ("grpo", {"epsilon_high": 0.28, "importance_sampling_level": "sequence"}, 0.04, 2, 1,
+         "row"),
+        ("bnpo", {"epsilon_high": 0.28}, 0.1, 2, 1, "token"),
+        ("dr_grpo", {"epsilon_high": 0.28, "max_completion_length": 32}, 0.1, 1, 1, "row"),
+        ("dapo", {"epsilon_high": 0.28}, 0.04, 2, 2, "row"),
+        ("sapo", {"sapo_temperature_neg": TRL_SAPO_TAU_NEG_F32}, 0.04, 1, 1, "token"),
+        ("cispo", {"epsilon_high": 5.0}, 0.1, 2, 1, "row"),
+    ]
+    for loss_type, extra, beta, ga, ranks, adv in with_beta:
+        seed += 1
+        inputs = policy_inputs(seed, extreme=19.5, adv=adv)
+        ref = trl_ref_logps(seed + 50, inputs[0])
+        settings = dict(extra, loss_type=loss_type)
+        level = extra.get("importance_sampling_level", "token")
+        c = case("TRL beta", "%s beta=%g %s GA=%d ranks=%d adv=%s"
+                 % (loss_type, beta, level, ga, ranks, adv))
+        trl_grpo_run(ext, GRPOTrainer, c, inputs, settings, ga=ga, ranks=ranks, beta=beta,
+                     ref=ref)
+
+    # Spot checks: psft on float32 / bf16 inputs against TRL in float64.
+    spots = [
+        ("sapo", {"loss_type": "sapo"}, 0.0),
+        ("cispo epsilon_high=1.3", {"loss_type": "cispo", "epsilon_high": 1.3}, 0.0),
+        ("grpo sequence", {"loss_type": "grpo", "epsilon_high": 0.28,
+                           "importance_sampling_level": "sequence"}, 0.0),
+        ("grpo beta=0.04", {"loss_type": "grpo", "epsilon_high": 0.28}, 0.04),
+    ]
+    for dtype, loss_tol, grad_tol in ((torch.float32, 2e-6, 2e-6),
+                                      (torch.bfloat16, 2e-5, 2.0**-7)):
+        name = str(dtype).replace("torch.", "")
+        for row, settings, beta in spots:
+            logp, old, adv, mask = policy_inputs(1480, extreme=SPOT_EXTREME, dtype=dtype)
+            ref = trl_ref_logps(1481, logp, extreme=SPOT_EXTREME) if beta else None
+            m = mask.to(torch.long)
+            num_items = trl_num_items(settings["loss_type"], m)
+            c = case("TRL %s" % name, row)
+            x_psft = leaf(logp)
+            mine = ext.trl_grpo_loss(x_psft, old, adv, m, settings,
+                                     None if num_items is None else float(num_items), 1, ref, beta)
+            x_trl = leaf(logp.to(torch.float64))
+            peer = trl_grpo_call(GRPOTrainer, trl_grpo_fake(settings, 1, beta), x_trl,
+                                 old.to(torch.float64), adv.to(torch.float64), m, num_items,
+                                 None if ref is None else ref.to(torch.float64))
+            c.compare("loss", "loss", mine["loss"], peer, loss_tol)
+            c.compare("grad", "grad", grad_of(mine["loss"], x_psft), grad_of(peer, x_trl),
+                      grad_tol)
+            c.note("psft %s vs TRL float64" % name)
 
 
 # ---------------------------------------------------------------------------
@@ -1030,9 +1435,12 @@ def main():
 
     groups = [
         ("verl policy loss and agg_loss", lambda: verl_cases(ext, core_algos)),
+        ("verl gspo, cispo, sapo", lambda: verl_objective_cases(ext, core_algos)),
+        ("verl kl_penalty", lambda: verl_kl_cases(ext, core_algos, verl_F)),
         ("verl logits", lambda: verl_logits_cases(ext, verl_F, core_algos)),
         ("verl spot checks", lambda: verl_spot_checks(ext, core_algos)),
         ("TRL GRPO", lambda: trl_grpo_cases(ext, GRPOTrainer)),
+        ("TRL sapo, cispo, sequence, beta", lambda: trl_objective_cases(ext, GRPOTrainer)),
         ("TRL SFT", lambda: trl_sft_cases(ext, SFTTrainer, FusedCausalLMOutput, trl_utils)),
         ("TRL SFT fused head", lambda: trl_sft_fused_head_cases(ext, SFTTrainer, trl_utils)),
     ]

@@ -67,6 +67,9 @@ psft::compat::verl::ActorSettings actor_settings(const py::dict& d) {
   s.read("clip_ratio_high", a.clip_ratio_high);
   s.read("clip_ratio_c", a.clip_ratio_c);
   s.read("loss_scale_factor", a.loss_scale_factor);
+  s.read("loss_mode", a.loss_mode);
+  s.read("tau_pos", a.tau_pos);
+  s.read("tau_neg", a.tau_neg);
   s.finish();
   return a;
 }
@@ -91,6 +94,9 @@ psft::compat::trl::GrpoSettings grpo_settings(const py::dict& d) {
   s.read("max_completion_length", g.max_completion_length);
   s.read("num_processes", g.num_processes);
   s.read("steps_per_generation", g.steps_per_generation);
+  s.read("importance_sampling_level", g.importance_sampling_level);
+  s.read("sapo_temperature_pos", g.sapo_temperature_pos);
+  s.read("sapo_temperature_neg", g.sapo_temperature_neg);
   s.finish();
   return g;
 }
@@ -123,6 +129,42 @@ const char* reduction_name(psft::Reduction r) {
   return "?";
 }
 
+const char* objective_name(psft::Objective k) {
+  switch (k) {
+    case psft::Objective::Clipped:
+      return "Clipped";
+    case psft::Objective::CispoRelative:
+      return "CispoRelative";
+    case psft::Objective::CispoCapped:
+      return "CispoCapped";
+    case psft::Objective::Sapo:
+      return "Sapo";
+  }
+  return "?";
+}
+
+const char* kl_estimator_name(psft::KlEstimator k) {
+  switch (k) {
+    case psft::KlEstimator::K1:
+      return "K1";
+    case psft::KlEstimator::Abs:
+      return "Abs";
+    case psft::KlEstimator::K2:
+      return "K2";
+    case psft::KlEstimator::K3:
+      return "K3";
+    case psft::KlEstimator::K3Unclamped:
+      return "K3Unclamped";
+    case psft::KlEstimator::K1StraightThrough:
+      return "K1StraightThrough";
+    case psft::KlEstimator::AbsStraightThrough:
+      return "AbsStraightThrough";
+    case psft::KlEstimator::K3StraightThrough:
+      return "K3StraightThrough";
+  }
+  return "?";
+}
+
 // The options a preset produced, for the check's report.
 py::dict describe(const psft::LossOptions& o) {
   py::dict d;
@@ -134,6 +176,11 @@ py::dict describe(const psft::LossOptions& o) {
   d["reduction"] = reduction_name(o.reduction);
   d["norm_constant"] = o.norm_constant ? py::cast(*o.norm_constant) : py::none();
   d["count_empty_sequences"] = o.count_empty_sequences;
+  d["objective"] = objective_name(o.objective.kind);
+  d["ratio_level"] = o.objective.ratio_level == psft::RatioLevel::Sequence ? "Sequence" : "Token";
+  d["cispo_cap"] = o.objective.cispo_cap;
+  d["sapo_tau_pos"] = o.objective.sapo_tau_pos;
+  d["sapo_tau_neg"] = o.objective.sapo_tau_neg;
   if (o.normaliser) {
     const psft::Normaliser& n = *o.normaliser;
     d["tokens"] = n.tokens ? py::cast(*n.tokens) : py::none();
@@ -172,6 +219,24 @@ py::dict verl_policy_loss(const at::Tensor& logp, const at::Tensor& old_logp,
   const psft::LossOptions opts =
       psft::compat::verl::loss_options(actor_settings(actor), global_batch_info(info));
   return loss_result(psft::policy_loss(logp, old_logp, advantages, mask, opts), opts);
+}
+
+// verl's use_kl_loss term: psft::kl_penalty with the estimator of verl's
+// kl_loss_type, aggregated with the actor's options (loss_agg_mode and the
+// global batch info, as verl's ppo_loss passes them to agg_loss).
+py::dict verl_kl_penalty(const at::Tensor& logp, const at::Tensor& ref_logp, const at::Tensor& mask,
+                         const std::string& kl_loss_type, const py::dict& actor,
+                         const py::dict& info) {
+  const psft::LossOptions opts =
+      psft::compat::verl::loss_options(actor_settings(actor), global_batch_info(info));
+  const psft::KlEstimator estimator = psft::compat::verl::kl_estimator(kl_loss_type);
+  const psft::KlPenaltyResult r = psft::kl_penalty(logp, ref_logp, mask, estimator, opts);
+  py::dict d;
+  d["loss"] = r.loss;
+  d["kl_mean"] = r.kl_mean;
+  d["estimator"] = kl_estimator_name(estimator);
+  d["options"] = describe(opts);
+  return d;
 }
 
 // verl's agg_loss alone: sft_loss (Nll) on logp = -loss_mat aggregates the
@@ -222,14 +287,26 @@ py::dict token_logprobs(const at::Tensor& logits, const at::Tensor& labels, doub
 py::dict trl_grpo_loss(const at::Tensor& logp, const at::Tensor& old_logp,
                        const at::Tensor& advantages, const at::Tensor& completion_mask,
                        const py::dict& settings, std::optional<double> num_items_in_batch,
-                       std::int64_t gradient_accumulation_steps) {
+                       std::int64_t gradient_accumulation_steps,
+                       const std::optional<at::Tensor>& ref_logp, double beta) {
   psft::compat::trl::GrpoBatch batch;
   batch.completion_mask = completion_mask;
   batch.num_items_in_batch = num_items_in_batch;
   batch.gradient_accumulation_steps = gradient_accumulation_steps;
   const psft::LossOptions opts =
       psft::compat::trl::grpo_loss_options(grpo_settings(settings), batch);
-  return loss_result(psft::policy_loss(logp, old_logp, advantages, completion_mask, opts), opts);
+  const psft::LossResult pg = psft::policy_loss(logp, old_logp, advantages, completion_mask, opts);
+  if (beta == 0.0) return loss_result(pg, opts);
+  // TRL's beta term (compat/trl.hpp): kl_penalty with K3Unclamped and the
+  // same options, times beta, added to the policy loss.
+  TORCH_CHECK(ref_logp.has_value(), "trl_grpo_loss: beta != 0 needs ref_logp");
+  const psft::KlPenaltyResult kl =
+      psft::kl_penalty(logp, *ref_logp, completion_mask, psft::KlEstimator::K3Unclamped, opts);
+  psft::LossResult total = pg;
+  total.loss = pg.loss + beta * kl.loss;
+  py::dict d = loss_result(total, opts);
+  d["kl_mean"] = kl.kl_mean;
+  return d;
 }
 
 py::dict trl_sft_loss(const at::Tensor& logp, const at::Tensor& mask, const py::dict& settings,
@@ -267,6 +344,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "psft test bindings for the peer checks (tests/peers/check_peers.py)";
   m.def("verl_policy_loss", &verl_policy_loss, py::arg("logp"), py::arg("old_logp"),
         py::arg("advantages"), py::arg("mask"), py::arg("actor"), py::arg("info"));
+  m.def("verl_kl_penalty", &verl_kl_penalty, py::arg("logp"), py::arg("ref_logp"), py::arg("mask"),
+        py::arg("kl_loss_type"), py::arg("actor"), py::arg("info"));
   m.def("verl_agg_loss", &verl_agg_loss, py::arg("loss_mat"), py::arg("mask"), py::arg("actor"),
         py::arg("info"));
   m.def("verl_psft_recipe_from_logits", &verl_psft_recipe_from_logits, py::arg("logits"),
@@ -275,7 +354,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("temperature"), py::arg("entropy_grad"));
   m.def("trl_grpo_loss", &trl_grpo_loss, py::arg("logp"), py::arg("old_logp"),
         py::arg("advantages"), py::arg("completion_mask"), py::arg("settings"),
-        py::arg("num_items_in_batch"), py::arg("gradient_accumulation_steps"));
+        py::arg("num_items_in_batch"), py::arg("gradient_accumulation_steps"),
+        py::arg("ref_logp") = py::none(), py::arg("beta") = 0.0);
   m.def("trl_sft_loss", &trl_sft_loss, py::arg("logp"), py::arg("mask"), py::arg("settings"),
         py::arg("num_items_in_batch"));
   m.def("trl_sft_loss_from_logits", &trl_sft_loss_from_logits, py::arg("logits"), py::arg("labels"),

@@ -63,9 +63,9 @@ struct Token {
   bool trusted = false;    ///< no clip binds and the clamp passes gradient
 };
 
-inline Token evaluate_token(double logp, double old_logp, double advantage, const Settings& s) {
+/// One token of the clipped objective from its log-ratio d = logp - old_logp.
+inline Token evaluate_token_from_log_ratio(double d, double advantage, const Settings& s) {
   Token t;
-  const double d = logp - old_logp;
   const double bound = s.log_ratio_clamp;
   double dc = d;
   if (dc < -bound) dc = -bound;
@@ -113,6 +113,10 @@ inline Token evaluate_token(double logp, double old_logp, double advantage, cons
   return t;
 }
 
+inline Token evaluate_token(double logp, double old_logp, double advantage, const Settings& s) {
+  return evaluate_token_from_log_ratio(logp - old_logp, advantage, s);
+}
+
 struct Metrics {
   double clip_frac = 0, clip_frac_dual = 0, clip_frac_high = 0, clip_frac_low = 0;
   double approx_kl_k1 = 0, approx_kl_k3 = 0;
@@ -129,16 +133,15 @@ struct Result {
   Metrics metrics;
 };
 
-/// The aggregated loss of a [rows, cols] batch (row-major vectors; advantages
-/// already one per token; mask holds token weights, 0 = ignored: a masked
-/// token's values are never read, so they may be NaN).
-inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector<double>& logp,
-                           const std::vector<double>& old_logp,
-                           const std::vector<double>& advantages, const std::vector<double>& mask,
-                           const Settings& s) {
+/// The aggregated loss of a [rows, cols] batch (row-major vectors; mask
+/// holds token weights, 0 = ignored: a masked token's values are used only
+/// for Result::trusted) with token k's terms from token(k), so that the
+/// other objectives (objectives_reference.hpp) share the aggregation.
+template <class TokenAt>
+Result aggregate(std::size_t rows, std::size_t cols, const std::vector<double>& mask,
+                 const Settings& s, const TokenAt& token) {
   const std::size_t n = rows * cols;
-  if (logp.size() != n || old_logp.size() != n || advantages.size() != n || mask.size() != n)
-    throw std::logic_error("reference::clipped_loss: sizes do not match rows * cols");
+  if (mask.size() != n) throw std::logic_error("reference::aggregate: mask size != rows * cols");
   Result out;
   out.grad.assign(n, 0.0);
   out.trusted.assign(n, 0);
@@ -153,7 +156,7 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
       const std::size_t k = i * cols + j;
       const double w = mask[k];
       if (w == 0) continue;
-      const Token t = evaluate_token(logp[k], old_logp[k], advantages[k], s);
+      const Token t = token(k);
       tokens[k] = t;
       out.trusted[k] = t.trusted;
       row_sum[i] += w * t.loss;
@@ -173,8 +176,7 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
   }
   // The indicator is defined for masked tokens too (trust_region_mask has no mask).
   for (std::size_t k = 0; k < n; ++k) {
-    if (mask[k] == 0)
-      out.trusted[k] = evaluate_token(logp[k], old_logp[k], advantages[k], s).trusted;
+    if (mask[k] == 0) out.trusted[k] = token(k).trusted;
   }
 
   double local_sequences = 0;
@@ -233,6 +235,20 @@ inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector
   }
   out.metrics.token_count = weight;
   return out;
+}
+
+/// The aggregated clipped loss of a [rows, cols] batch (advantages already
+/// one per token; a masked token's values may be NaN).
+inline Result clipped_loss(std::size_t rows, std::size_t cols, const std::vector<double>& logp,
+                           const std::vector<double>& old_logp,
+                           const std::vector<double>& advantages, const std::vector<double>& mask,
+                           const Settings& s) {
+  const std::size_t n = rows * cols;
+  if (logp.size() != n || old_logp.size() != n || advantages.size() != n || mask.size() != n)
+    throw std::logic_error("reference::clipped_loss: sizes do not match rows * cols");
+  return aggregate(rows, cols, mask, s, [&](std::size_t k) {
+    return evaluate_token(logp[k], old_logp[k], advantages[k], s);
+  });
 }
 
 }  // namespace reference

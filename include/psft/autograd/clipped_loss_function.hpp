@@ -54,12 +54,13 @@ inline at::Tensor run_clipped_loss_backward(Backend backend, const at::Tensor& c
 
 namespace autograd {
 
-/// loss, metrics = ClippedLossFunction::apply(logp, &inputs, &options, backend)
+/// loss, metrics, token_loss_mean = ClippedLossFunction::apply(logp, &inputs, &options, backend)
 /// Gradient flows to logp only; old_logp, advantages and mask are constants.
 class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction> {
  public:
   /// Computes the loss and metrics in one fused pass and saves what backward
-  /// needs (the per-token gradient coefficients). Returns {loss, metrics}.
+  /// needs (the per-token gradient coefficients). Returns {loss, metrics,
+  /// token_loss_mean}.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& logp,
                                                 const detail::ClippedLossInputs* inputs,
@@ -71,8 +72,8 @@ class ClippedLossFunction : public torch::autograd::Function<ClippedLossFunction
     ctx->saved_data["scale"] = out.scale;
     ctx->saved_data["dtype"] = static_cast<int64_t>(inputs->logp.scalar_type());
     ctx->saved_data["backend"] = static_cast<int64_t>(backend);
-    ctx->mark_non_differentiable({out.metrics});
-    return {out.loss, out.metrics};
+    ctx->mark_non_differentiable({out.metrics, out.token_loss_mean});
+    return {out.loss, out.metrics, out.token_loss_mean};
   }
 
   /// d loss / d logp from the saved coefficients; one entry per forward input.

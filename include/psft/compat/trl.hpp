@@ -45,6 +45,12 @@ struct GrpoSettings {
   /// steps_per_generation (dapo); unset: TRL's default, the gradient
   /// accumulation steps.
   std::optional<std::int64_t> steps_per_generation;
+  /// "token" or "sequence" (GSPO's sequence-level ratio).
+  std::string importance_sampling_level = "token";
+  ///@{
+  /// SAPO temperatures (sapo_temperature_pos / _neg).
+  double sapo_temperature_pos = 1.0, sapo_temperature_neg = 1.05;
+  ///@}
 };
 
 /// One micro-batch as TRL's _compute_loss sees it.
@@ -60,7 +66,7 @@ struct GrpoBatch {
 };
 
 /// The accepted GRPO loss types, for messages.
-inline const char* accepted_grpo_loss_types() { return "grpo, bnpo, dr_grpo, dapo"; }
+inline const char* accepted_grpo_loss_types() { return "grpo, bnpo, dr_grpo, dapo, sapo, cispo"; }
 
 /// The LossOptions of TRL's GRPO loss (training mode) for one micro-batch:
 ///
@@ -71,15 +77,43 @@ inline const char* accepted_grpo_loss_types() { return "grpo, bnpo, dr_grpo, dap
 ///   dapo     sum(m l) / (max(num_items, 1) / P x GA / spg)
 ///            = TokenMean, N = num_items x GA / spg, D = P
 ///
-/// with l = -min(A min(r, delta), A clip(r, 1 - eps, 1 + eps_high)); TRL
-/// does not clamp the log-ratio (psft does, at +-20: the one documented
-/// difference). sapo and cispo are not clipped objectives and are refused.
+///   sapo     grpo's aggregation, Objective::Sapo with TRL's temperatures
+///            (rounded to float32, as TRL computes them)
+///   cispo    dapo's aggregation, Objective::CispoCapped with the cap
+///            epsilon_high (else epsilon; TRL recommends 5)
+///
+/// with l = -min(A min(r, delta), A clip(r, 1 - eps, 1 + eps_high)) for the
+/// clipped types; importance_sampling_level "sequence" is RatioLevel::Sequence.
+/// TRL does not clamp the log-ratio (psft does, at +-20: the one documented
+/// difference). TRL's beta term is psft::kl_penalty with
+/// KlEstimator::K3Unclamped and these same options, times beta.
 /// \throws c10::Error naming the setting on a bad value or combination.
 inline LossOptions grpo_loss_options(const GrpoSettings& settings, const GrpoBatch& batch) {
   const char* api = "psft::compat::trl::grpo_loss_options";
   const std::string& type = settings.loss_type;
-  TORCH_CHECK(type == "grpo" || type == "bnpo" || type == "dr_grpo" || type == "dapo", api,
-              ": loss_type must be one of ", accepted_grpo_loss_types(), "; got '", type, "'");
+  TORCH_CHECK(type == "grpo" || type == "bnpo" || type == "dr_grpo" || type == "dapo" ||
+                  type == "sapo" || type == "cispo",
+              api, ": loss_type must be one of ", accepted_grpo_loss_types(), "; got '", type, "'");
+  const std::string& level = settings.importance_sampling_level;
+  TORCH_CHECK(level == "token" || level == "sequence", api,
+              ": importance_sampling_level must be 'token' or 'sequence'; got '", level, "'");
+  if (type == "sapo" || type == "cispo") {
+    GrpoSettings clipped = settings;
+    clipped.loss_type = type == "sapo" ? "grpo" : "dapo";
+    LossOptions o = grpo_loss_options(clipped, batch);
+    o.clip.delta.reset();
+    if (type == "sapo") {
+      o.objective.kind = Objective::Sapo;
+      // TRL builds the temperatures with torch.where on two Python floats,
+      // a float32 tensor: 1.05 is used as float32's 1.0499999523.
+      o.objective.sapo_tau_pos = static_cast<float>(settings.sapo_temperature_pos);
+      o.objective.sapo_tau_neg = static_cast<float>(settings.sapo_temperature_neg);
+    } else {
+      o.objective.kind = Objective::CispoCapped;
+      o.objective.cispo_cap = settings.epsilon_high.value_or(settings.epsilon);
+    }
+    return o;
+  }
   TORCH_CHECK(batch.gradient_accumulation_steps >= 1, api,
               ": gradient_accumulation_steps must be >= 1, got ",
               batch.gradient_accumulation_steps);
@@ -125,6 +159,7 @@ inline LossOptions grpo_loss_options(const GrpoSettings& settings, const GrpoBat
     n.world_size = settings.num_processes;
   }
   if (o.reduction != Reduction::TokenSumNorm) o.normaliser = n;
+  if (level == "sequence") o.objective.ratio_level = RatioLevel::Sequence;
   return o;
 }
 

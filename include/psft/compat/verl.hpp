@@ -20,6 +20,7 @@
 #include <string>
 
 #include "psft/core/config.hpp"
+#include "psft/core/objective_rule.hpp"
 #include "psft/core/options.hpp"
 
 PSFT_NAMESPACE_BEGIN
@@ -45,6 +46,12 @@ struct ActorSettings {
   /// The other modes do not read it (verl passes it to every mode and
   /// ignores it there, and so does psft).
   std::optional<double> loss_scale_factor;
+  /// policy_loss.loss_mode: vanilla, gspo, cispo or sapo.
+  std::string loss_mode = "vanilla";
+  ///@{
+  /// SAPO temperatures (policy_loss.tau_pos / tau_neg).
+  double tau_pos = 1.0, tau_neg = 1.05;
+  ///@}
 };
 
 /// verl's config.global_batch_info. Leave both counts unset for verl's local
@@ -90,8 +97,43 @@ inline Reduction reduction(const std::string& loss_agg_mode) {
 /// micro-batch's non-empty rows, exactly as verl's two paths differ. As in
 /// verl, dp_size > 1 needs the global count of the mode.
 /// \throws c10::Error naming the setting on a bad value or combination.
+///
+/// loss_mode selects verl's other policy losses: gspo (the clipped loss on
+/// the sequence-level ratio, log-ratio clamped at 10 as verl does, no dual
+/// clip), cispo (CispoRelative, no dual clip) and sapo (verl always
+/// aggregates it by seq-mean-token-mean, whatever loss_agg_mode says, and so
+/// does this preset). verl's GSPO clamps log s only from above; psft clamps
+/// it to [-10, 10], which changes a token's numbers only where its
+/// sequence's mean log-ratio is below -10.
 inline LossOptions loss_options(const ActorSettings& actor, const GlobalBatchInfo& info = {}) {
   const char* api = "psft::compat::verl::loss_options";
+  const std::string& mode = actor.loss_mode;
+  TORCH_CHECK(mode == "vanilla" || mode == "gspo" || mode == "cispo" || mode == "sapo", api,
+              ": loss_mode must be one of vanilla, gspo, cispo, sapo; got '", mode, "'");
+  if (mode == "sapo") {
+    ActorSettings sapo = actor;
+    sapo.loss_agg_mode = "seq-mean-token-mean";
+    sapo.loss_mode = "vanilla";
+    LossOptions o = loss_options(sapo, info);
+    o.clip.dual_clip.reset();
+    o.objective.kind = Objective::Sapo;
+    o.objective.sapo_tau_pos = actor.tau_pos;
+    o.objective.sapo_tau_neg = actor.tau_neg;
+    return o;
+  }
+  if (mode != "vanilla") {
+    ActorSettings vanilla = actor;
+    vanilla.loss_mode = "vanilla";
+    LossOptions o = loss_options(vanilla, info);
+    o.clip.dual_clip.reset();
+    if (mode == "gspo") {
+      o.objective.ratio_level = RatioLevel::Sequence;
+      o.clip.log_ratio_clamp = 10.0;
+    } else {
+      o.objective.kind = Objective::CispoRelative;
+    }
+    return o;
+  }
   LossOptions o;
   o.reduction = reduction(actor.loss_agg_mode);
   o.clip.eps_low = actor.clip_ratio_low.value_or(actor.clip_ratio);
@@ -129,6 +171,29 @@ inline LossOptions loss_options(const ActorSettings& actor, const GlobalBatchInf
   // non-empty ones. A given count is used as is either way.
   o.count_empty_sequences = false;
   return o;
+}
+
+/// verl's kl_loss_type (actor.kl_loss_type with use_kl_loss) as the
+/// estimator of psft::kl_penalty: kl / k1, abs, mse / k2, low_var_kl / k3,
+/// and the straight-through forms k1+, abs+, k3+ / low_var_kl+ (value of the
+/// estimator, gradient of k2). verl's actor adds kl_loss_coef x the penalty
+/// aggregated with the actor's loss_agg_mode: pass it the same LossOptions.
+/// \throws c10::Error listing the accepted values for any other string.
+inline core::KlEstimatorId kl_estimator(const std::string& kl_loss_type) {
+  const std::string base = !kl_loss_type.empty() && kl_loss_type.back() == '+'
+                               ? kl_loss_type.substr(0, kl_loss_type.size() - 1)
+                               : kl_loss_type;
+  const bool plus = base.size() != kl_loss_type.size();
+  using K = core::KlEstimatorId;
+  if (base == "kl" || base == "k1") return plus ? K::K1StraightThrough : K::K1;
+  if (base == "abs") return plus ? K::AbsStraightThrough : K::Abs;
+  if (base == "mse" || base == "k2") return K::K2;  // k2+ is k2
+  if (base == "low_var_kl" || base == "k3") return plus ? K::K3StraightThrough : K::K3;
+  TORCH_CHECK(false,
+              "psft::compat::verl: kl_loss_type must be one of kl, k1, abs, mse, k2, "
+              "low_var_kl, k3 (optionally with a trailing '+'); got '",
+              kl_loss_type, "'");
+  return core::KlEstimatorId::K3;
 }
 
 /// The PSFT authors' recipe (their verl fork's run_psft.sh): advantage 1 on

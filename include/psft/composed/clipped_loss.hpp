@@ -5,11 +5,13 @@
 /// (CUDA without psft's CUDA translation unit, MPS, ...), with at most one
 /// host-device synchronisation (the checks of LossOptions::check_finite).
 ///
+/// The objective's rule runs on whole tensors (composed/tensor_lanes.hpp;
+/// Note [Objective rules]).
+///
 /// Note [Composed path mirrors core]
-/// This file restates core::clipped_objective_from_ratio and the reductions
-/// of core/reduction.hpp as tensor expressions. Any change to the formula
-/// there must be made here too; the tests run both backends against the
-/// same independent reference, so a drift fails them.
+/// This file restates the reductions of core/reduction.hpp as tensor
+/// expressions. Any change there must be made here too; the tests run both
+/// backends against the same independent reference, so a drift fails them.
 
 #include <ATen/Functions.h>
 #include <ATen/TensorOperators.h>
@@ -19,8 +21,10 @@
 #include <limits>
 #include <string>
 
+#include "psft/composed/tensor_lanes.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/objective.hpp"
 #include "psft/core/reduction.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
 
@@ -34,21 +38,15 @@ struct TokenTerms {
   at::Tensor weight, valid, advantage;
   ///@}
   ///@{
-  /// Clamped log-ratio, ratio r and per-token loss l.
-  at::Tensor clamped, ratio, token_loss;
+  /// Clamped log-ratio and ratio r.
+  at::Tensor clamped, ratio;
   ///@}
-  ///@{
-  /// Indicators: a clip binds, the dual clip binds, the token is in the trust
-  /// region (its gradient is not zeroed).
-  at::Tensor clipped, clipped_dual, trusted;
-  ///@}
-  /// d l / d r in units of -A: 1, 0, or 1/2 at the ties of Note [Gradient
-  /// at the bounds].
-  at::Tensor slope;
+  /// The rule's terms: loss, gradient and flags (Note [Objective rules]).
+  core::TokenTerms<TensorLanes> rule;
 };
 
-/// core::clipped_objective on whole tensors (Note [Composed path mirrors core]).
-inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const ClipOptions& c) {
+/// The rule of `in` on whole tensors, in the accumulation dtype.
+inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const LossOptions& opts) {
   const at::ScalarType acc = detail::accumulate_type(in.logp.scalar_type());
   // Work on [rows, cols] views in the accumulation dtype.
   const auto as_rows = [&](const at::Tensor& t) { return t.reshape({in.rows, in.cols}).to(acc); };
@@ -58,44 +56,35 @@ inline TokenTerms token_terms(const detail::ClippedLossInputs& in, const ClipOpt
   t.advantage = in.advantages.defined() ? as_rows(in.advantages) : at::ones_like(logp);
   t.valid = t.weight != 0;
   const at::Tensor log_ratio = logp - as_rows(in.old_logp);
-  const double bound = c.log_ratio_clamp;
-  // Strict bounds and the slopes of Note [Gradient at the bounds].
-  const at::Tensor in_range = at::logical_and(log_ratio > -bound, log_ratio < bound);
+  const double bound = opts.clip.log_ratio_clamp;
   t.clamped = log_ratio.clamp(-bound, bound);
   t.ratio = t.clamped.exp();
-  const double lower = 1.0 - c.eps_low, upper = 1.0 + c.eps_high;
-  const at::Tensor bounded_ratio = c.delta ? t.ratio.clamp_max(*c.delta) : t.ratio;
-  const at::Tensor loss_unclipped = -t.advantage * bounded_ratio;
-  const at::Tensor loss_clipped = -t.advantage * t.ratio.clamp(lower, upper);
-  const at::Tensor one = at::ones({}, logp.options());
-  const at::Tensor zero = at::zeros({}, logp.options());
-  const at::Tensor unclipped_slope = c.delta ? at::where(t.ratio < *c.delta, one, zero) : one;
-  const at::Tensor clip_slope =
-      at::where(at::logical_and(t.ratio > lower, t.ratio < upper), one, zero);
-  t.clipped = loss_clipped > loss_unclipped;
-  t.slope = at::where(t.clipped, clip_slope,
-                      at::where(loss_clipped == loss_unclipped,
-                                (unclipped_slope + clip_slope) * 0.5, unclipped_slope));
-  t.token_loss = at::where(t.clipped, loss_clipped, loss_unclipped);
-  t.clipped_dual = at::zeros_like(t.clipped);
-  if (c.dual_clip) {
-    const at::Tensor cap = -t.advantage * *c.dual_clip;
-    const at::Tensor negative = t.advantage < 0;
-    t.clipped_dual = at::logical_and(negative, t.token_loss > cap);
-    const at::Tensor at_cap = at::logical_and(negative, t.token_loss == cap);
-    t.token_loss = at::where(t.clipped_dual, cap, t.token_loss);
-    t.slope = at::where(t.clipped_dual, zero, at::where(at_cap, t.slope * 0.5, t.slope));
-  }
-  t.trusted = at::logical_and(in_range, t.slope > 0);
+  const TensorLanes o{logp.options()};
+  core::TokenInput<TensorLanes> x;
+  x.log_ratio = log_ratio;
+  x.clamped = t.clamped;
+  x.ratio = t.ratio;
+  // Strict bounds: Note [Gradient at the bounds].
+  x.in_range = at::logical_and(log_ratio > -bound, log_ratio < bound);
+  x.advantage = t.advantage;
+  x.logp = logp;
+  const core::ObjectiveParams<double> params = in.params<double>(opts);
+  t.rule =
+      core::visit_rule(in.rule, [&](auto rule) { return decltype(rule)::terms(o, x, params); });
   return t;
+}
+
+/// 1 / sum(row_tokens), or 0 without tokens (0-d float64).
+inline at::Tensor inv_tokens(const at::Tensor& row_tokens) {
+  const at::Tensor count = row_tokens.sum();
+  return at::where(count > 0, count.reciprocal(), at::zeros_like(count));
 }
 
 /// Forward: loss, metrics and (when need_grad) the gradient coefficients.
 inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLossInputs& in,
                                                        const LossOptions& opts, bool need_grad) {
   const at::ScalarType acc = detail::accumulate_type(in.logp.scalar_type());
-  const ClipOptions& c = opts.clip;
-  const TokenTerms t = token_terms(in, c);
+  const TokenTerms t = token_terms(in, opts);
   const at::Tensor& weight = t.weight;
   const at::Tensor& valid = t.valid;
   const at::Tensor& advantage = t.advantage;
@@ -134,8 +123,8 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     TORCH_CHECK(c[0] == 0, in.api,
                 ": logp has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
-    TORCH_CHECK(c[1] == 0, in.api,
-                ": old_logp has NaN or Inf at an unmasked token (set "
+    TORCH_CHECK(c[1] == 0, in.api, ": ", in.old_name,
+                " has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
     TORCH_CHECK(c[2] == 0, in.api,
                 ": advantages has NaN or Inf at an unmasked token (set "
@@ -145,7 +134,7 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     TORCH_CHECK(normaliser_error.empty(), in.api, ": ", normaliser_error);
   }
 
-  const at::Tensor row_loss = masked(t.token_loss).sum(1, false, at::kDouble);
+  const at::Tensor row_loss = masked(t.rule.loss).sum(1, false, at::kDouble);
 
   // Counts: local ones unless the normaliser supplies the step's global ones.
   at::Tensor tokens = row_tokens.sum();
@@ -186,14 +175,14 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   detail::ClippedLossOutputs out;
   out.loss = (row_loss * scale).sum().to(acc);
   if (need_grad) {
-    out.coef =
-        masked(at::where(t.trusted, -advantage * ratio * t.slope, zero)).reshape(in.logp.sizes());
+    out.coef = masked(t.rule.grad).reshape(in.logp.sizes());
   }
   out.scale = scale;
+  out.token_loss_mean = row_loss.sum() * inv_tokens(row_tokens);
 
   const at::Tensor count = row_tokens.sum();
   const at::Tensor any = count > 0;
-  const at::Tensor inv = at::where(any, count.reciprocal(), at::zeros_like(count));
+  const at::Tensor inv = inv_tokens(row_tokens);
   const auto mean = [&](const at::Tensor& x) { return masked(x).sum(at::kDouble) * inv; };
   const auto fraction = [&](const at::Tensor& flag) { return mean(flag.to(acc)); };
   const at::Tensor one = at::ones({}, count.options());
@@ -207,10 +196,10 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     return sentinel > 0 ? values.min() : values.max();
   };
   out.metrics = at::stack({
-      fraction(t.clipped),
-      fraction(t.clipped_dual),
-      fraction(at::logical_and(advantage > 0, ratio > 1.0 + c.eps_high)),
-      fraction(at::logical_and(advantage < 0, ratio < 1.0 - c.eps_low)),
+      fraction(t.rule.clipped),
+      fraction(t.rule.clipped_dual),
+      fraction(t.rule.clipped_high),
+      fraction(t.rule.clipped_low),
       mean(-clamped),
       mean(ratio - 1.0 - clamped),
       at::where(any, mean(ratio), one),

@@ -1,8 +1,9 @@
 #pragma once
 /// \file
-/// The clipped policy objective for one token: the one place its formula
-/// lives. CPU kernels, CUDA kernels and the Eigen API all call these
-/// functions. Torch-free, Eigen-free, usable on host and device.
+/// The clipped policy objective for one token, on scalars: the log-ratio
+/// clamp every rule's inputs go through, and the scalar entry points of
+/// objectives/clipped.hpp (where the formula lives), for the CUDA kernels,
+/// the Eigen API and the tests. Torch-free, Eigen-free, host and device.
 ///
 ///   d    = clamp(logp - old_logp, -B, B)          B = log_ratio_clamp
 ///   r    = exp(d)
@@ -17,20 +18,12 @@
 #include <cmath>
 
 #include "psft/core/config.hpp"
+#include "psft/core/lanes.hpp"
+#include "psft/core/objective_rule.hpp"
+#include "psft/core/objectives/clipped.hpp"
 
 PSFT_NAMESPACE_BEGIN
 namespace core {
-
-/// Clip settings in the accumulation type of a kernel. dual_clip <= 0 means
-/// no dual clip.
-template <class T>
-struct ClipParams {
-  T eps_low;          ///< lower clip: r >= 1 - eps_low
-  T eps_high;         ///< upper clip: r <= 1 + eps_high
-  T dual_clip;        ///< dual clip c for A < 0; <= 0: none
-  T log_ratio_clamp;  ///< |logp - old_logp| is clamped to this before exp
-  T delta = T(0);     ///< TRL's delta: L1 uses min(r, delta); <= 0: none
-};
 
 // Note [Gradient at the bounds]
 // torch.clamp's backward passes gradient only strictly inside its interval
@@ -73,67 +66,40 @@ PSFT_HOST_DEVICE inline T probability_ratio(T logp, T old_logp, T bound) {
   return exp(clamp_log_ratio(logp - old_logp, bound));
 }
 
-/// Everything the kernels need to know about one token.
+/// Everything the kernels need to know about one token of the clipped
+/// objective (objectives/clipped.hpp).
 template <class T>
-struct TokenObjective {
-  /// Per-token loss l (before masking and aggregation).
-  T loss;
-  /// dl/dlogp = -A r I_trust (before mask weight and normaliser); half of it
-  /// at the exact ties of Note [Gradient at the bounds].
-  T grad;
-  /// verl pg_clipfrac: the PPO clip binds (L2 > L1), either side.
-  bool clipped;
-  /// verl pg_clipfrac_lower: the dual clip binds (A < 0 and l > -A c).
-  bool clipped_dual;
-  /// TRL high clip: r > 1 + eps_high with A > 0.
-  bool clipped_high;
-  /// TRL low clip: r < 1 - eps_low with A < 0.
-  bool clipped_low;
-  /// Trust-region indicator: the token's gradient flows (no clip binds, the
-  /// log-ratio is not clamped, r < delta on the unclipped branch).
-  bool trusted;
-};
+using TokenObjective = TokenTerms<ScalarLanes<T>>;
 
-/// Objective of one token given its ratio r = exp(d) of the clamped
-/// log-ratio d (computed by the caller, possibly vectorised) and whether the
-/// clamp lets gradient through (log_ratio_in_range).
+/// The inputs of a rule for one token: the log-ratio, its clamp, the ratio
+/// r = exp(clamped) (computed by the caller, possibly faster than
+/// std::exp) and whether the clamp lets gradient through
+/// (log_ratio_in_range).
+template <class T>
+PSFT_HOST_DEVICE inline TokenInput<ScalarLanes<T>> token_input(T logp, T log_ratio, T clamped,
+                                                               T ratio, bool in_range,
+                                                               T advantage) {
+  TokenInput<ScalarLanes<T>> in;
+  in.log_ratio = log_ratio;
+  in.clamped = clamped;
+  in.ratio = ratio;
+  in.in_range = in_range;
+  in.advantage = advantage;
+  in.logp = logp;
+  return in;
+}
+
+/// The clipped objective of one token given its ratio r = exp(d) of the
+/// clamped log-ratio d and whether the clamp lets gradient through.
 template <class T>
 PSFT_HOST_DEVICE inline TokenObjective<T> clipped_objective_from_ratio(T ratio, bool in_range,
                                                                        T advantage,
                                                                        const ClipParams<T>& p) {
-  const T one = T(1);
-  const T lower = one - p.eps_low;
-  const T upper = one + p.eps_high;
-  const bool has_delta = p.delta > T(0);
-  const T clipped_ratio = ratio < lower ? lower : (ratio > upper ? upper : ratio);
-  const T bounded_ratio = has_delta && ratio > p.delta ? p.delta : ratio;
-  const T loss_unclipped = -advantage * bounded_ratio;
-  const T loss_clipped = -advantage * clipped_ratio;
-  // d l / d r in units of -A (Note [Gradient at the bounds]).
-  const T unclipped_slope = has_delta && !(ratio < p.delta) ? T(0) : one;
-  const T clip_slope = ratio > lower && ratio < upper ? one : T(0);
-  TokenObjective<T> out;
-  out.clipped = loss_clipped > loss_unclipped;
-  out.loss = out.clipped ? loss_clipped : loss_unclipped;
-  T slope = out.clipped ? clip_slope
-                        : (loss_clipped == loss_unclipped ? (unclipped_slope + clip_slope) / T(2)
-                                                          : unclipped_slope);
-  out.clipped_dual = false;
-  if (advantage < T(0) && p.dual_clip > T(0)) {
-    const T loss_cap = -advantage * p.dual_clip;
-    out.clipped_dual = out.loss > loss_cap;
-    if (out.clipped_dual) {
-      out.loss = loss_cap;
-      slope = T(0);
-    } else if (out.loss == loss_cap) {
-      slope = slope / T(2);
-    }
-  }
-  out.clipped_high = advantage > T(0) && ratio > upper;
-  out.clipped_low = advantage < T(0) && ratio < lower;
-  out.trusted = in_range && slope > T(0);
-  out.grad = out.trusted ? -advantage * ratio * slope : T(0);
-  return out;
+  TokenInput<ScalarLanes<T>> in{};
+  in.ratio = ratio;
+  in.in_range = in_range;
+  in.advantage = advantage;
+  return ClippedRule::terms(ScalarLanes<T>(), in, p);
 }
 
 /// Objective of one token from its log-probabilities.

@@ -30,6 +30,46 @@ struct ClipOptions {
   std::optional<double> delta;
 };
 
+/// The per-token objective (core/objectives/; docs/objectives.md). r =
+/// exp(clamp(logp - old_logp)), sg = stop-gradient.
+enum class Objective {
+  /// PPO's clipped surrogate max(-A r, -A clip(r)) with ClipOptions' dual
+  /// clip and delta (PSFT with A = 1; verl `vanilla`, TRL `grpo`/`dapo`/...).
+  Clipped,
+  /// verl's `cispo`: -sg(clip(r, 1 - eps_low, 1 + eps_high)) A logp.
+  CispoRelative,
+  /// TRL's and Liger's `cispo`: -sg(min(r, ObjectiveOptions::cispo_cap)) A logp.
+  CispoCapped,
+  /// SAPO: -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_tau_pos for A > 0,
+  /// sapo_tau_neg otherwise (verl `sapo`, TRL `sapo`).
+  Sapo,
+};
+
+/// Whether r is the token's own ratio or its sequence's.
+enum class RatioLevel {
+  /// r_t = exp(logp_t - old_logp_t).
+  Token,
+  /// GSPO (verl `gspo`, TRL importance_sampling_level="sequence"): every
+  /// token of sequence i uses s_i = exp(mean_t (logp_t - old_logp_t)) over
+  /// its unmasked tokens (mask-weighted), with d s_i / d logp_t = s_i (verl's
+  /// sg(s_i) pi / sg(pi)); the clamp of ClipOptions::log_ratio_clamp applies
+  /// to log s_i. Needs [B, T] inputs.
+  Sequence,
+};
+
+/// Which objective, and the parameters of those that have their own.
+struct ObjectiveOptions {
+  Objective kind = Objective::Clipped;         ///< the per-token rule
+  RatioLevel ratio_level = RatioLevel::Token;  ///< token or sequence ratio (GSPO)
+  /// CispoCapped's absolute cap on the weight (TRL's epsilon_high for cispo,
+  /// 5.0 recommended there). Must be > 0.
+  double cispo_cap = 5.0;
+  /// SAPO temperature for A > 0 (verl tau_pos, TRL sapo_temperature_pos). > 0.
+  double sapo_tau_pos = 1.0;
+  /// SAPO temperature for A <= 0 (verl tau_neg, TRL sapo_temperature_neg). > 0.
+  double sapo_tau_neg = 1.05;
+};
+
 /// How per-token losses are aggregated; definitions follow verl 0.9.1's
 /// agg_loss. N = token count (sum of mask weights), S = number of sequences
 /// with at least one unmasked token (every row, empty ones included, with
@@ -93,7 +133,8 @@ enum class Backend {
 
 /// Options of policy_loss and psft_loss.
 struct LossOptions {
-  ClipOptions clip;                            ///< eps_low, eps_high, dual clip, log-ratio clamp
+  ClipOptions clip;            ///< eps_low, eps_high, dual clip, log-ratio clamp
+  ObjectiveOptions objective;  ///< clipped (default), CISPO, SAPO; token or sequence ratio
   Reduction reduction = Reduction::TokenMean;  ///< how per-token losses are aggregated
   /// Global counts of the optimizer step. Unset: the batch passed in is the
   /// whole optimizer step and its own counts are used.
@@ -117,6 +158,11 @@ struct LossOptions {
   bool check_finite = true;
   /// Which implementation runs; Auto picks the fused kernel for the device.
   Backend backend = Backend::Auto;
+  /// Entropy bonus (verl's entropy_coeff): the from-logits losses return
+  /// loss - entropy_coeff x agg(entropy), agg with this reduction and
+  /// normaliser, the gradient flowing through the entropy into the logits.
+  /// Needs the logits: the from-logp losses refuse a nonzero value. Finite.
+  double entropy_coeff = 0.0;
 };
 
 PSFT_NAMESPACE_END

@@ -60,6 +60,45 @@ inline bool is_valid(Backend b) {
   return false;
 }
 
+/// Whether o is one of Objective's enumerators.
+inline bool is_valid(Objective o) {
+  switch (o) {
+    case Objective::Clipped:
+    case Objective::CispoRelative:
+    case Objective::CispoCapped:
+    case Objective::Sapo:
+      return true;
+  }
+  return false;
+}
+
+/// Whether l is one of RatioLevel's enumerators.
+inline bool is_valid(RatioLevel l) { return l == RatioLevel::Token || l == RatioLevel::Sequence; }
+
+/// Why `o` is invalid for per-token inputs of `dim` dimensions, or "".
+inline std::string objective_options_error(const ObjectiveOptions& o, int dim) {
+  std::ostringstream e;
+  if (!is_valid(o.kind)) {
+    e << "objective.kind must be a psft::Objective enumerator (Clipped, CispoRelative, "
+         "CispoCapped or Sapo), got the value "
+      << static_cast<int>(o.kind);
+  } else if (!is_valid(o.ratio_level)) {
+    e << "objective.ratio_level must be RatioLevel::Token or RatioLevel::Sequence, got the value "
+      << static_cast<int>(o.ratio_level);
+  } else if (o.ratio_level == RatioLevel::Sequence && dim != 2) {
+    e << "objective.ratio_level Sequence (GSPO) needs per-token tensors of shape [B, T] to know "
+         "the sequences, got "
+      << dim << " dimension(s)";
+  } else if (!(std::isfinite(o.cispo_cap) && o.cispo_cap > 0)) {
+    e << "objective.cispo_cap must be finite and > 0, got " << o.cispo_cap;
+  } else if (!(std::isfinite(o.sapo_tau_pos) && o.sapo_tau_pos > 0)) {
+    e << "objective.sapo_tau_pos must be finite and > 0, got " << o.sapo_tau_pos;
+  } else if (!(std::isfinite(o.sapo_tau_neg) && o.sapo_tau_neg > 0)) {
+    e << "objective.sapo_tau_neg must be finite and > 0, got " << o.sapo_tau_neg;
+  }
+  return e.str();
+}
+
 /// Whether the reduction divides by the sequence count S (and so needs
 /// per-token tensors of shape [B, T]).
 inline bool uses_sequences(Reduction r) {
@@ -89,6 +128,11 @@ inline std::string clip_options_error(const ClipOptions& c) {
 inline std::string loss_options_error(const LossOptions& opts, int dim) {
   std::string clip_error = clip_options_error(opts.clip);
   if (!clip_error.empty()) return clip_error;
+  std::string objective_error = objective_options_error(opts.objective, dim);
+  if (!objective_error.empty()) return objective_error;
+  if (!std::isfinite(opts.entropy_coeff)) {
+    return "entropy_coeff must be finite, got " + std::to_string(opts.entropy_coeff);
+  }
   std::ostringstream e;
   if (!is_valid(opts.reduction)) {
     e << "reduction must be a psft::Reduction enumerator (TokenMean, SeqMeanTokenSum, "

@@ -15,6 +15,7 @@
 
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/objective.hpp"
 #include "psft/core/reduction.hpp"
 #include "psft/cpu/clipped_loss_kernel.hpp"
 #include "psft/detail/clipped_loss_types.hpp"
@@ -33,14 +34,6 @@ inline StridedInput strided_input(const at::Tensor& t) {
   return in;
 }
 
-/// ClipOptions converted to the kernel's accumulation type.
-template <class acc_t>
-core::ClipParams<acc_t> clip_params(const ClipOptions& c) {
-  return {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
-          static_cast<acc_t>(c.dual_clip ? *c.dual_clip : 0.0),
-          static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta ? *c.delta : 0.0)};
-}
-
 /// Forward: loss, metrics and (when need_grad) the gradient coefficients.
 inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLossInputs& in,
                                                        const LossOptions& opts, bool need_grad) {
@@ -56,19 +49,20 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
 
   detail::ClippedLossOutputs out;
   if (need_grad) out.coef = at::empty(in.logp.sizes(), in.logp.options().dtype(acc));
-  ForwardResult fwd;
-  if (acc == at::ScalarType::Double) {
-    fwd = clipped_loss_forward<double>(args, clip_params<double>(opts.clip),
-                                       need_grad ? out.coef.data_ptr<double>() : nullptr);
-  } else {
-    fwd = clipped_loss_forward<float>(args, clip_params<float>(opts.clip),
-                                      need_grad ? out.coef.data_ptr<float>() : nullptr);
-  }
+  const ForwardResult fwd = core::visit_rule(in.rule, [&](auto rule) {
+    using Rule = decltype(rule);
+    if (acc == at::ScalarType::Double) {
+      return clipped_loss_forward<Rule, double>(args, in.params<double>(opts),
+                                                need_grad ? out.coef.data_ptr<double>() : nullptr);
+    }
+    return clipped_loss_forward<Rule, float>(args, in.params<float>(opts),
+                                             need_grad ? out.coef.data_ptr<float>() : nullptr);
+  });
   TORCH_CHECK(!fwd.bad_logp, in.api,
               ": logp has NaN or Inf at an unmasked token (set "
               "LossOptions::check_finite = false to skip this check)");
-  TORCH_CHECK(!fwd.bad_old, in.api,
-              ": old_logp has NaN or Inf at an unmasked token (set "
+  TORCH_CHECK(!fwd.bad_old, in.api, ": ", in.old_name,
+              " has NaN or Inf at an unmasked token (set "
               "LossOptions::check_finite = false to skip this check)");
   TORCH_CHECK(!fwd.bad_advantage, in.api,
               ": advantages has NaN or Inf at an unmasked token (set "
@@ -89,6 +83,13 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     out.scale.data_ptr<double>()[0] = reduced.global_factor;
   }
   out.loss = at::scalar_tensor(reduced.loss, at::TensorOptions().dtype(acc));
+  double loss_sum = 0, tokens = 0;
+  for (std::size_t r = 0; r < fwd.row_loss.size(); ++r) {
+    loss_sum += fwd.row_loss[r];
+    tokens += fwd.row_tokens[r];
+  }
+  out.token_loss_mean = at::scalar_tensor(tokens > 0 ? loss_sum / tokens : 0.0,
+                                          at::TensorOptions().dtype(at::kDouble));
 
   const core::MetricValues m = fwd.metrics.finalize();
   out.metrics =

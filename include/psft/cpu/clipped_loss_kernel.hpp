@@ -21,17 +21,12 @@
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/objective_rule.hpp"
+#include "psft/cpu/packet_lanes.hpp"
+#include "psft/cpu/packet_warnings.hpp"
 
-// GCC 12 reports the deliberately undefined operands of AVX-512 intrinsics
-// inside Eigen's packet functions as uninitialised once they are inlined
-// here (GCC bug 105593), and warns that packet types' attributes are ignored
-// as template arguments; both are harmless.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+// Note [Packet warnings]
+PSFT_PACKET_WARNINGS_PUSH
 
 PSFT_NAMESPACE_BEGIN
 namespace cpu {
@@ -102,24 +97,22 @@ inline void load(const StridedInput& in, std::int64_t row, std::int64_t col, std
   }
 }
 
-// Note [Packet path restates core]
-// GCC does not vectorise the scalar token loop below (branches in
-// core::clipped_objective_from_ratio, and -ftrapping-math blocks turning them
-// into selects), which left the fused pass compute-bound at ~34 cycles per
-// token. For float accumulation, packet_block() evaluates the same formula
-// on Eigen packets with selects instead of branches. It restates
-// core::clipped_objective_from_ratio and core::MetricSums::add: a change
-// there must be made here too. The tests compare the fused path with an
-// independent reference (and the composed path), so a drift fails them.
-// A block with a value that fails the finite check is left to the scalar
-// path, which names the bad argument.
+// Note [Packet path]
+// GCC does not vectorise the scalar token loop below (branches, and
+// -ftrapping-math blocks turning them into selects), which left the fused
+// pass compute-bound at ~34 cycles per token. For float accumulation,
+// packet_block() runs the same objective rule on Eigen packets
+// (cpu/packet_lanes.hpp; Note [Objective rules]) and sums the metrics of
+// core::MetricSums::add with selects. A block with a value that fails the
+// finite check is left to the scalar path, which names the bad argument.
 
-/// Handles the leading whole packets of a block of n float tokens; returns
-/// how many tokens it handled (0: the caller's scalar loop does the block).
-template <class acc_t>
+/// Handles the leading whole packets of a block of n float tokens with
+/// Rule; returns how many tokens it handled (0: the caller's scalar loop
+/// does the block).
+template <class Rule, class acc_t>
 std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, const acc_t* adv,
-                          const acc_t* w, const core::ClipParams<acc_t>& clip, bool check_finite,
-                          acc_t* coef_out, UnitPartial& part) {
+                          const acc_t* w, const core::ObjectiveParams<acc_t>& params,
+                          bool check_finite, acc_t* coef_out, UnitPartial& part) {
   if constexpr (!std::is_same<acc_t, float>::value) {
     return 0;
   } else {
@@ -129,19 +122,15 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
     if constexpr (kLanes == 1) {
       return 0;  // Eigen is not vectorised in this build
     } else {
+      using Lanes = PacketLanes<Packet>;
+      using V = typename Lanes::Value;
+      const Lanes o;
       const Packet zero = ei::pset1<Packet>(0.f), one = ei::pset1<Packet>(1.f);
-      const Packet lower = ei::pset1<Packet>(1.f - clip.eps_low);
-      const Packet upper = ei::pset1<Packet>(1.f + clip.eps_high);
-      const Packet bound = ei::pset1<Packet>(clip.log_ratio_clamp);
-      const Packet neg_bound = ei::pset1<Packet>(-clip.log_ratio_clamp);
-      const Packet dual = ei::pset1<Packet>(clip.dual_clip);
-      const Packet delta = ei::pset1<Packet>(clip.delta);
-      const Packet half = ei::pset1<Packet>(0.5f);
-      const bool has_delta = clip.delta > 0.f;
+      const Packet bound = ei::pset1<Packet>(params.log_ratio_clamp);
+      const Packet neg_bound = ei::pset1<Packet>(-params.log_ratio_clamp);
       const Packet inf = ei::pset1<Packet>(__builtin_huge_valf());
       const Packet neg_inf = ei::pset1<Packet>(-__builtin_huge_valf());
       const Packet largest = ei::pset1<Packet>(std::numeric_limits<float>::max());
-      const bool has_dual = clip.dual_clip > 0.f;
       Packet loss = zero, weight = zero, clipped_sum = zero, dual_sum = zero, high_sum = zero,
              low_sum = zero, k1 = zero, k3 = zero, ratio_sum = zero, ratio_min = inf,
              ratio_max = neg_inf, bad = zero;
@@ -153,49 +142,28 @@ std::int64_t packet_block(std::int64_t n, const acc_t* logp, const acc_t* old, c
         const Packet ai = ei::ploadu<Packet>(adv + i);
         const Packet valid = ei::pandnot(ei::ptrue(wi), ei::pcmp_eq(wi, zero));  // w != 0
         const Packet log_ratio = ei::psub(li, oi);
-        // Strict bounds and the slopes of Note [Gradient at the bounds].
-        const Packet in_range =
-            ei::pand(ei::pcmp_lt(neg_bound, log_ratio), ei::pcmp_lt(log_ratio, bound));
+        core::TokenInput<Lanes> t;
+        t.log_ratio = V{ei::pselect(valid, log_ratio, zero)};
+        // Strict bounds: Note [Gradient at the bounds].
+        t.in_range = {ei::pand(ei::pcmp_lt(neg_bound, log_ratio), ei::pcmp_lt(log_ratio, bound))};
         const Packet d = ei::pselect(valid, ei::pmin(ei::pmax(log_ratio, neg_bound), bound), zero);
-        const Packet r = ei::pexp(d);
-        const Packet full_gradient = ei::pnegate(ei::pmul(ai, r));  // -A r
-        const Packet loss_unclipped =
-            has_delta ? ei::pnegate(ei::pmul(ai, ei::pmin(r, delta))) : full_gradient;
-        const Packet loss_clipped = ei::pnegate(ei::pmul(ai, ei::pmin(ei::pmax(r, lower), upper)));
-        const Packet clipped = ei::pcmp_lt(loss_unclipped, loss_clipped);
-        const Packet unclipped_slope = has_delta ? ei::pand(ei::pcmp_lt(r, delta), one) : one;
-        const Packet clip_slope =
-            ei::pand(ei::pand(ei::pcmp_lt(lower, r), ei::pcmp_lt(r, upper)), one);
-        const Packet tie = ei::pcmp_eq(loss_clipped, loss_unclipped);
-        Packet slope =
-            ei::pselect(clipped, clip_slope,
-                        ei::pselect(tie, ei::pmul(ei::padd(unclipped_slope, clip_slope), half),
-                                    unclipped_slope));
-        Packet l = ei::pselect(clipped, loss_clipped, loss_unclipped);
-        Packet clipped_dual = zero;
-        if (has_dual) {
-          const Packet cap = ei::pnegate(ei::pmul(ai, dual));
-          const Packet negative = ei::pcmp_lt(ai, zero);
-          clipped_dual = ei::pand(negative, ei::pcmp_lt(cap, l));
-          const Packet at_cap = ei::pand(negative, ei::pcmp_eq(cap, l));
-          l = ei::pselect(clipped_dual, cap, l);
-          slope =
-              ei::pselect(clipped_dual, zero, ei::pselect(at_cap, ei::pmul(slope, half), slope));
-        }
-        const Packet trusted = ei::pand(ei::pand(in_range, valid), ei::pcmp_lt(zero, slope));
+        const Packet r = Lanes::exp(V{d}).p;
+        t.clamped = V{d};
+        t.ratio = V{r};
+        t.advantage = V{ai};
+        t.logp = V{ei::pselect(valid, li, zero)};
+        const core::TokenTerms<Lanes> terms = Rule::terms(o, t, params);
+        const Packet trusted = ei::pand(terms.trusted.p, valid);
         if (coef_out) {
-          ei::pstoreu(coef_out + i,
-                      ei::pselect(trusted, ei::pmul(wi, ei::pmul(full_gradient, slope)), zero));
+          ei::pstoreu(coef_out + i, ei::pselect(trusted, ei::pmul(wi, terms.grad.p), zero));
         }
         const Packet wv = ei::pselect(valid, wi, zero);
-        loss = ei::padd(loss, ei::pselect(valid, ei::pmul(wi, l), zero));
+        loss = ei::padd(loss, ei::pselect(valid, ei::pmul(wi, terms.loss.p), zero));
         weight = ei::padd(weight, wv);
-        clipped_sum = ei::padd(clipped_sum, ei::pand(clipped, wv));
-        dual_sum = ei::padd(dual_sum, ei::pand(clipped_dual, wv));
-        high_sum = ei::padd(high_sum,
-                            ei::pand(ei::pand(ei::pcmp_lt(zero, ai), ei::pcmp_lt(upper, r)), wv));
-        low_sum =
-            ei::padd(low_sum, ei::pand(ei::pand(ei::pcmp_lt(ai, zero), ei::pcmp_lt(r, lower)), wv));
+        clipped_sum = ei::padd(clipped_sum, ei::pand(terms.clipped.p, wv));
+        dual_sum = ei::padd(dual_sum, ei::pand(terms.clipped_dual.p, wv));
+        high_sum = ei::padd(high_sum, ei::pand(terms.clipped_high.p, wv));
+        low_sum = ei::padd(low_sum, ei::pand(terms.clipped_low.p, wv));
         k1 = ei::psub(k1, ei::pmul(wv, d));
         k3 = ei::padd(k3, ei::pmul(wv, ei::psub(ei::psub(r, one), d)));
         ratio_sum = ei::padd(ratio_sum, ei::pmul(wv, r));
@@ -258,10 +226,11 @@ struct ForwardResult {
   ///@}
 };
 
-/// One pass over the tokens. Writes coef[r * cols + c] = w dl/dlogp (before
-/// the reduction's scale) when coef is not null.
-template <class acc_t>
-ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<acc_t>& clip,
+/// One pass over the tokens with the objective rule Rule (Note [Objective
+/// rules]). Writes coef[r * cols + c] = w dl/dlogp (before the reduction's
+/// scale) when coef is not null.
+template <class Rule, class acc_t>
+ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ObjectiveParams<acc_t>& clip,
                                    acc_t* coef) {
   using Array = Eigen::Array<acc_t, Eigen::Dynamic, 1>;
   const std::int64_t chunks_per_row = (a.cols + kChunk - 1) / kChunk;
@@ -271,7 +240,7 @@ ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<
 
   at::parallel_for(0, units, grain, [&](std::int64_t begin, std::int64_t end) {
     alignas(64) acc_t logp[kBlock], old[kBlock], adv[kBlock], w[kBlock], ratio[kBlock];
-    bool in_range[kBlock];
+    alignas(64) acc_t clamped[kBlock];
     for (std::int64_t u = begin; u < end; ++u) {
       const std::int64_t row = u / chunks_per_row;
       const std::int64_t chunk_begin = (u % chunks_per_row) * kChunk;
@@ -293,18 +262,14 @@ ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<
         }
         acc_t* coef_out = coef ? coef + row * a.cols + col : nullptr;
         const std::int64_t done =
-            packet_block(n, logp, old, adv, w, clip, a.check_finite, coef_out, part);
+            packet_block<Rule>(n, logp, old, adv, w, clip, a.check_finite, coef_out, part);
         if (done == n) continue;
-        // The scalar path: logp becomes the clamped log-ratio, ratio its exp.
+        // The scalar path: the clamped log-ratios, then their exp at once.
         for (std::int64_t i = done; i < n; ++i) {
-          // Checked here, before logp[i] becomes the clamped log-ratio.
-          if (a.check_finite && w[i] != acc_t(0)) part.bad_logp |= !std::isfinite(logp[i]);
-          const acc_t log_ratio = logp[i] - old[i];
-          in_range[i] = core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp);
-          logp[i] = core::clamp_log_ratio(log_ratio, clip.log_ratio_clamp);
+          clamped[i] = core::clamp_log_ratio(logp[i] - old[i], clip.log_ratio_clamp);
         }
         Eigen::Map<Array>(ratio + done, n - done) =
-            Eigen::Map<const Array>(logp + done, n - done).exp();
+            Eigen::Map<const Array>(clamped + done, n - done).exp();
 
         for (std::int64_t i = done; i < n; ++i) {
           if (w[i] == acc_t(0)) {
@@ -312,15 +277,20 @@ ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ClipParams<
             continue;
           }
           if (a.check_finite) {
+            part.bad_logp |= !std::isfinite(logp[i]);
             part.bad_old |= !std::isfinite(old[i]);
             part.bad_advantage |= !std::isfinite(adv[i]);
             part.bad_mask |= !std::isfinite(w[i]) || w[i] < acc_t(0);
           }
-          const core::TokenObjective<acc_t> t =
-              core::clipped_objective_from_ratio(ratio[i], in_range[i], adv[i], clip);
+          const core::TokenObjective<acc_t> t = Rule::terms(
+              core::ScalarLanes<acc_t>(),
+              core::token_input(logp[i], logp[i] - old[i], clamped[i], ratio[i],
+                                core::log_ratio_in_range(logp[i] - old[i], clip.log_ratio_clamp),
+                                adv[i]),
+              clip);
           part.loss += static_cast<double>(w[i] * t.loss);
           part.tokens += static_cast<double>(w[i]);
-          part.metrics.add(t, logp[i], ratio[i], w[i]);
+          part.metrics.add(t, clamped[i], ratio[i], w[i]);
           if (coef_out) coef_out[i] = w[i] * t.grad;
         }
       }
@@ -366,6 +336,4 @@ void clipped_loss_backward(std::int64_t rows, std::int64_t cols, const acc_t* co
 }  // namespace cpu
 PSFT_NAMESPACE_END
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+PSFT_PACKET_WARNINGS_POP

@@ -21,19 +21,10 @@
 
 #include "psft/core/config.hpp"
 #include "psft/core/online_softmax.hpp"
+#include "psft/cpu/packet_warnings.hpp"
 
-// Eigen packets are vector types with alignment attributes; passing them as
-// template arguments makes GCC warn that the attributes are ignored, which
-// is harmless (Eigen silences the same warning in its own headers). GCC 12
-// also reports the deliberately undefined operands of AVX-512 intrinsics
-// (_mm512_undefined_ps inside _mm512_max_ps, ...) as uninitialised once they
-// are inlined here (GCC bug 105593, fixed in GCC 13).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+// Note [Packet warnings]
+PSFT_PACKET_WARNINGS_PUSH
 
 PSFT_NAMESPACE_BEGIN
 namespace cpu {
@@ -461,6 +452,4 @@ void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* label
 }  // namespace cpu
 PSFT_NAMESPACE_END
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+PSFT_PACKET_WARNINGS_POP

@@ -1,10 +1,10 @@
 #pragma once
 /// \file
 /// CUDA kernels of the clipped objective, on raw strided pointers. Torch-free:
-/// psft_cuda.cu wraps them for tensors. The per-token math is
-/// core::clipped_objective_from_ratio, the same code the CPU kernel runs
-/// (cpu/clipped_loss_kernel.hpp), so the two backends differ only in
-/// rounding of exp() and in the order of the float sums.
+/// psft_cuda.cu wraps them for tensors. The per-token math is an objective
+/// rule of core/objectives/ (Note [Objective rules]), the same code the CPU
+/// kernel runs (cpu/clipped_loss_kernel.hpp), so the two backends differ
+/// only in rounding of exp() and in the order of the float sums.
 ///
 /// Two kernels:
 ///   forward_units  one block per unit (row, chunk of kChunk columns): loss,
@@ -26,6 +26,7 @@
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/objective.hpp"
 #include "psft/core/options.hpp"
 #include "psft/core/reduction.hpp"
 
@@ -495,22 +496,36 @@ struct RawGroup<unsigned char> {
 };
 
 // Note [Kernels without a dual clip]
-// core::clipped_objective_from_ratio applies the dual clip (A < 0, loss
-// capped at -A c) in a branch per token, which nvcc keeps a branch; under
-// forward_units' 64-register bound (Note [Forward registers]) its
-// predicates then cost registers and instructions on every token. Most
-// calls have no dual clip (PSFT's A = 1 never needs one), so the kernels
-// are compiled twice: kDual = false passes core a dual clip of constant 0,
-// and the compiler drops that code; kDual = true (ClipParams::dual_clip > 0,
-// chosen on the host) runs core as it is.
+// core's clipped rule applies the dual clip (A < 0, loss capped at -A c)
+// and TRL's delta under parameter tests that nvcc keeps as code on every
+// token; under forward_units' register bound (Note [Forward registers])
+// they cost registers and instructions. PSFT (A = 1) and most RL losses use
+// neither, so the clipped kernels are compiled twice: PlainClippedRule
+// passes core a dual clip and a delta of constant 0, and the compiler drops
+// that code; core::ClippedRule (either set, chosen on the host) runs core as
+// it is.
+
+/// core::ClippedRule without the dual clip and delta (Note [Kernels without
+/// a dual clip]).
+struct PlainClippedRule {
+  template <class Lanes>
+  __device__ static core::TokenTerms<Lanes> terms(
+      const Lanes& o, const core::TokenInput<Lanes>& t,
+      const core::ObjectiveParams<typename Lanes::Scalar>& p) {
+    core::ObjectiveParams<typename Lanes::Scalar> params = p;
+    params.dual_clip = typename Lanes::Scalar(0);
+    params.delta = typename Lanes::Scalar(0);
+    return core::ClippedRule::terms(o, t, params);
+  }
+};
 
 /// Adds one token (mask weight `weight`; 0 or `active` false: masked) to
 /// `sums` and returns its coef = w dl/dlogp. Branch-free: a masked token's
 /// values are replaced by finite ones before any arithmetic, so a NaN under
 /// the mask is never used (Note [Unit sums in the accumulation type]).
-template <bool kDual, class acc_t>
+template <class Rule, class acc_t>
 __device__ inline acc_t add_token(bool active, acc_t weight, acc_t logp, acc_t old_logp,
-                                  acc_t advantage, const core::ClipParams<acc_t>& clip,
+                                  acc_t advantage, const core::ObjectiveParams<acc_t>& clip,
                                   UnitSums<acc_t>& sums) {
   active = active && weight != acc_t(0);
   const acc_t w = active ? weight : acc_t(0);
@@ -521,39 +536,40 @@ __device__ inline acc_t add_token(bool active, acc_t weight, acc_t logp, acc_t o
   const acc_t checked = w < acc_t(0) ? Limits<acc_t>::infinity() : sums.bad;
   sums.bad = fma_of(lp, acc_t(0), fma_of(old, acc_t(0), fma_of(a, acc_t(0), checked)));
   const acc_t log_ratio = lp - old;
-  const bool in_range = core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp);
   const acc_t clamped = core::clamp_log_ratio(log_ratio, clip.log_ratio_clamp);
   const acc_t ratio = exp2_fast(clamped * Limits<acc_t>::log2e());
-  // Note [Kernels without a dual clip]
-  core::ClipParams<acc_t> params = clip;
-  if (!kDual) params.dual_clip = acc_t(0);
-  const core::TokenObjective<acc_t> t =
-      core::clipped_objective_from_ratio(ratio, in_range, a, params);
-  // core::MetricSums::add, in acc_t; selects rather than branches.
-  sums.loss = fma_of(w, t.loss, sums.loss);
+  const bool in_range = core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp);
+  // core::MetricSums::add, in acc_t; selects rather than branches. The sums
+  // of the inputs first, so that fewer values are live across the rule
+  // (Note [Forward registers]).
   sums.weight += static_cast<double>(w);
-  sums.clipped += t.clipped ? w : acc_t(0);
-  sums.clipped_dual += t.clipped_dual ? w : acc_t(0);
-  sums.clipped_high += t.clipped_high ? w : acc_t(0);
-  sums.clipped_low += t.clipped_low ? w : acc_t(0);
   sums.kl_k1 = fma_of(w, core::approx_kl_k1(clamped), sums.kl_k1);
   sums.kl_k3 = fma_of(w, core::approx_kl_k3(clamped, ratio), sums.kl_k3);
   sums.ratio = fma_of(w, ratio, sums.ratio);
   sums.ratio_min = fmin_of(sums.ratio_min, active ? ratio : Limits<acc_t>::infinity());
   sums.ratio_max = fmax_of(sums.ratio_max, active ? ratio : -Limits<acc_t>::infinity());
+  // Note [Objective rules]
+  const core::TokenObjective<acc_t> t =
+      Rule::terms(core::ScalarLanes<acc_t>(),
+                  core::token_input(lp, log_ratio, clamped, ratio, in_range, a), clip);
+  sums.loss = fma_of(w, t.loss, sums.loss);
+  sums.clipped += t.clipped ? w : acc_t(0);
+  sums.clipped_dual += t.clipped_dual ? w : acc_t(0);
+  sums.clipped_high += t.clipped_high ? w : acc_t(0);
+  sums.clipped_low += t.clipped_low ? w : acc_t(0);
   return w * t.grad;
 }
 
 /// Adds tokens [kBegin, kEnd) of a full group to `sums` and sets their coef.
-template <int kBegin, int kEnd, bool kDual, class acc_t, class L, class A, class M>
+template <int kBegin, int kEnd, class Rule, class acc_t, class L, class A, class M>
 __device__ inline void add_tokens(const L& logp, const L& old_logp, const A& advantages,
-                                  const M& mask, const core::ClipParams<acc_t>& clip,
+                                  const M& mask, const core::ObjectiveParams<acc_t>& clip,
                                   UnitSums<acc_t>& sums, acc_t (&coef)[kGroup]) {
 #pragma unroll
   for (int i = kBegin; i < kEnd; ++i)
-    coef[i] = add_token<kDual>(true, mask.template value<acc_t>(i), logp.template value<acc_t>(i),
-                               old_logp.template value<acc_t>(i),
-                               advantages.template value<acc_t>(i), clip, sums);
+    coef[i] = add_token<Rule>(true, mask.template value<acc_t>(i), logp.template value<acc_t>(i),
+                              old_logp.template value<acc_t>(i),
+                              advantages.template value<acc_t>(i), clip, sums);
 }
 
 /// The first n <= kGroup tokens of a group that is not read in vectors (a
@@ -562,14 +578,15 @@ __device__ inline void add_tokens(const L& logp, const L& old_logp, const A& adv
 /// sums round as add_tokens'. `value(input, i)` reads token i of input 0-3
 /// (logp, old_logp, advantages, mask), or its fill when absent; dst (null:
 /// none) gets the coefficients.
-template <bool kDual, class acc_t, class Value>
-__device__ inline void add_elements(int n, const Value& value, const core::ClipParams<acc_t>& clip,
-                                    UnitSums<acc_t>& sums, acc_t* dst) {
+template <class Rule, class acc_t, class Value>
+__device__ inline void add_elements(int n, const Value& value,
+                                    const core::ObjectiveParams<acc_t>& clip, UnitSums<acc_t>& sums,
+                                    acc_t* dst) {
 #pragma unroll
   for (int i = 0; i < kGroup; ++i) {
     if (i >= n) break;
     const acc_t c =
-        add_token<kDual>(true, value(3, i), value(0, i), value(1, i), value(2, i), clip, sums);
+        add_token<Rule>(true, value(3, i), value(0, i), value(1, i), value(2, i), clip, sums);
     if (dst) dst[i] = c;
   }
 }
@@ -704,9 +721,9 @@ __device__ inline unsigned int bad_value_flags(const DeviceInput (&in)[4], std::
 /// then four tokens, their coefficients as one 16-byte store, and the other
 /// four (scripts/check-sass.sh measures this path). A partial group is read
 /// entry by entry.
-template <bool kDual, class acc_t, class T, class M>
+template <class Rule, class acc_t, class T, class M>
 __device__ inline void unit_group(TypedInputs<T, M>, const DeviceInput (&in)[4], std::int64_t row,
-                                  std::int64_t col, int n, const core::ClipParams<acc_t>& clip,
+                                  std::int64_t col, int n, const core::ObjectiveParams<acc_t>& clip,
                                   acc_t* dst, UnitSums<acc_t>& sums) {
   if (n == kGroup && (!dst || aligned16(dst))) {
     RawGroup<T> logp, old_logp, advantages;
@@ -716,9 +733,9 @@ __device__ inline void unit_group(TypedInputs<T, M>, const DeviceInput (&in)[4],
     load_raw(in[2], row, col, RawGroup<T>::kOne, advantages);
     load_raw(in[3], row, col, RawGroup<M>::kOne, mask);
     acc_t coef[kGroup];
-    add_tokens<0, 4, kDual>(logp, old_logp, advantages, mask, clip, sums, coef);
+    add_tokens<0, 4, Rule>(logp, old_logp, advantages, mask, clip, sums, coef);
     if (dst) store_quad(dst, coef, 0);
-    add_tokens<4, kGroup, kDual>(logp, old_logp, advantages, mask, clip, sums, coef);
+    add_tokens<4, kGroup, Rule>(logp, old_logp, advantages, mask, clip, sums, coef);
     if (dst) store_quad(dst + 4, coef, 4);
     return;
   }
@@ -729,13 +746,13 @@ __device__ inline void unit_group(TypedInputs<T, M>, const DeviceInput (&in)[4],
     return k == 3 ? typed_value<acc_t>(static_cast<const M*>(x.data)[at])
                   : typed_value<acc_t>(static_cast<const T*>(x.data)[at]);
   };
-  add_elements<kDual>(n, value, clip, sums, dst);
+  add_elements<Rule>(n, value, clip, sums, dst);
 }
 /// RuntimeInputs: whole groups through load_group (vector loads where the
 /// view allows), partial ones entry by entry.
-template <bool kDual, class acc_t>
+template <class Rule, class acc_t>
 __device__ inline void unit_group(RuntimeInputs, const DeviceInput (&in)[4], std::int64_t row,
-                                  std::int64_t col, int n, const core::ClipParams<acc_t>& clip,
+                                  std::int64_t col, int n, const core::ObjectiveParams<acc_t>& clip,
                                   acc_t* dst, UnitSums<acc_t>& sums) {
   if (n == kGroup) {
     Values<acc_t> v[4];
@@ -744,7 +761,7 @@ __device__ inline void unit_group(RuntimeInputs, const DeviceInput (&in)[4], std
     load_group<acc_t>(in[2], row, col, n, acc_t(1), v[2].v);
     load_group<acc_t>(in[3], row, col, n, acc_t(1), v[3].v);
     acc_t coef[kGroup];
-    add_tokens<0, kGroup, kDual>(v[0], v[1], v[2], v[3], clip, sums, coef);
+    add_tokens<0, kGroup, Rule>(v[0], v[1], v[2], v[3], clip, sums, coef);
     store_coef(dst, n, coef);
     return;
   }
@@ -753,7 +770,7 @@ __device__ inline void unit_group(RuntimeInputs, const DeviceInput (&in)[4], std
     if (x.dtype == DeviceDtype::Absent) return k < 2 ? acc_t(0) : acc_t(1);
     return load_one<acc_t>(x, row * x.row_stride + (col + i) * x.col_stride);
   };
-  add_elements<kDual>(n, value, clip, sums, dst);
+  add_elements<Rule>(n, value, clip, sums, dst);
 }
 
 /// Fan-in of every node of the combine trees (one child per thread).
@@ -831,6 +848,7 @@ enum StatusIndex : int {
   kStatusSequencesTooSmall,  ///< 1 when normaliser.sequences < batch sequences
   kStatusBatchTokens,
   kStatusBatchSequences,
+  kStatusBatchLoss,  ///< sum of w l over the batch (the mean per-token loss's numerator)
   kStatusCount
 };
 
@@ -840,7 +858,7 @@ template <class acc_t>
 struct ForwardParams {
   std::int64_t rows, cols, chunks_per_row;
   DeviceInput inputs[4];  ///< logp, old_logp, advantages, mask
-  core::ClipParams<acc_t> clip;
+  core::ObjectiveParams<acc_t> clip;
   bool check_finite;
   ReductionParams reduction;
   acc_t* coef;             ///< [rows, cols] contiguous, or null
@@ -953,6 +971,7 @@ __device__ inline void finish_batch(const ForwardParams<acc_t>& a, const Partial
   a.status[kStatusSequencesTooSmall] = sequences_too_small ? 1.0 : 0.0;
   a.status[kStatusBatchTokens] = total.tokens;
   a.status[kStatusBatchSequences] = total.sequences;
+  a.status[kStatusBatchLoss] = total.loss;
   const core::MetricValues m = total.metrics.finalize();
   const double values[core::kMetricCount] = {
       m.clip_frac,    m.clip_frac_dual, m.clip_frac_high, m.clip_frac_low, m.approx_kl_k1,
@@ -963,33 +982,43 @@ __device__ inline void finish_batch(const ForwardParams<acc_t>& a, const Partial
 }
 
 /// Blocks per SM the forward is compiled for (Note [Forward registers]).
-template <class acc_t, class Inputs>
-constexpr int kForwardBlocksPerSM = sizeof(acc_t) != 4
-                                        ? 1
-                                        : (std::is_same<Inputs, RuntimeInputs>::value ? 3 : 4);
+template <class acc_t, class Inputs, class Rule>
+constexpr int kForwardBlocksPerSM = sizeof(acc_t) != 4 ? 1
+                                    : std::is_same<Inputs, RuntimeInputs>::value
+                                        ? (std::is_same<Rule, PlainClippedRule>::value ||
+                                                   std::is_same<Rule, core::ClippedRule>::value
+                                               ? 2
+                                               : 3)
+                                        : (std::is_same<Rule, PlainClippedRule>::value ? 4 : 3);
 
 // Note [Forward registers]
 // forward_units keeps a group of four inputs and the unit's sums in
 // registers. Unbounded, nvcc takes 74 to 120 of them (float), which fits two
 // or three 256-thread blocks per SM: 512 units of a 2^20-token batch would
-// be 1.29 waves or more on an H100's 132 SMs. The typed fast paths are
-// compiled for four blocks (__launch_bounds__(kThreads, 4): 64 registers,
-// 1024 threads per SM, 528 units per wave) without spills; what keeps them
-// there: the unit's sums in float (Note [Unit sums in the accumulation
-// type]), one accumulator for every bad-value check and the cold path that
-// tells which input was bad run after the token math, the combine's sums in
-// shared memory rather than registers, and no dual-clip code where there is
-// no dual clip (Note [Kernels without a dual clip]). RuntimeInputs (mixed
-// dtypes, strided views) decodes every input to float before the math and
-// needs a few more: three blocks (80 registers). fp64: one.
-// scripts/check-sass.sh fails on any spill or stack frame, and on a typed
-// float path below four blocks.
+// be 1.29 waves or more on an H100's 132 SMs. The typed fast paths of the
+// plain clipped rule (PSFT's, and most RL losses': no dual clip, no delta)
+// are compiled for four blocks (__launch_bounds__(kThreads, 4): 64
+// registers, 1024 threads per SM, 528 units per wave) without spills; what
+// keeps them there: the unit's sums in float (Note [Unit sums in the
+// accumulation type]), one accumulator for every bad-value check and the
+// cold path that tells which input was bad run after the token math, the
+// combine's sums in shared memory rather than registers, and no dual-clip or
+// delta code where there is none (Note [Kernels without a dual clip]). The
+// general clipped rule and the other rules on typed inputs get three blocks
+// (80 registers). RuntimeInputs (mixed dtypes, strided views) decodes every
+// input to float before the math: three blocks for CISPO, SAPO and the KL
+// penalty, two (128 registers) for the clipped rules, which take about 110
+// there written once for every backend. fp64: one. scripts/check-sass.sh
+// fails on any spill or stack frame, and on a typed plain-rule float path
+// below four blocks.
 
 /// Forward: one block per unit; Inputs is TypedInputs<T, M> or
-/// RuntimeInputs, kDual whether clip.dual_clip > 0 (Note [Kernels without a
-/// dual clip]). Launch with max(rows * chunks_per_row, 1) blocks.
-template <class acc_t, class Inputs, bool kDual>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<acc_t, Inputs>)
+/// RuntimeInputs, Rule the objective rule (Note [Objective rules]; for the
+/// clipped objective PlainClippedRule unless clip.dual_clip > 0, Note
+/// [Kernels without a dual clip]). Launch with max(rows * chunks_per_row, 1)
+/// blocks.
+template <class acc_t, class Inputs, class Rule>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<acc_t, Inputs, Rule>)
     forward_units(const ForwardParams<acc_t> a) {
   __shared__ PartialStorage storage;
   if (a.rows == 0) {  // one block, nothing to sum
@@ -1011,8 +1040,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<acc_t, Inputs>)
   sums.reset();
   if (col < chunk_end) {
     const int n = static_cast<int>(chunk_end - col < kGroup ? chunk_end - col : kGroup);
-    unit_group<kDual>(Inputs(), a.inputs, row, col, n, a.clip,
-                      a.coef ? a.coef + row * a.cols + col : nullptr, sums);
+    unit_group<Rule>(Inputs(), a.inputs, row, col, n, a.clip,
+                     a.coef ? a.coef + row * a.cols + col : nullptr, sums);
   }
   const bool bad = a.check_finite && sums.any_bad();
   UnitSums<acc_t>* unit_shared = storage.get<UnitSums<acc_t>>();
@@ -1042,6 +1071,34 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<acc_t, Inputs>)
   __syncthreads();
   if (!climb(a.layout.batch_tree, 0, row, a.slots, a.counters, shared)) return;
   if (threadIdx.x == 0) finish_batch(a, shared[0]);
+}
+
+/// Calls go(kernel) with the forward_units instantiation for `rule` and the
+/// inputs of `a` (RuntimeInputs when `runtime`): the clipped objective with
+/// or without the dual clip and delta (Note [Kernels without a dual clip]) on every
+/// input path (forward_path); the other rules on RuntimeInputs only, which
+/// keeps the build's kernel count down. The one mapping from a call to its
+/// kernel, for psft_cuda.cu and the emulated tests.
+template <class acc_t, class Go>
+inline void with_forward_kernel(core::RuleId rule, const ForwardParams<acc_t>& a, bool runtime,
+                                Go&& go) {
+  constexpr bool kFloat = std::is_same<acc_t, float>::value;
+  if (rule == core::RuleId::Clipped) {
+    const ForwardPath path = runtime ? ForwardPath::Runtime : forward_path(a.inputs, kFloat);
+    const bool general = a.clip.dual_clip > acc_t(0) || a.clip.delta > acc_t(0);
+    with_forward_inputs<kFloat>(path, [&](auto inputs) {
+      using Inputs = decltype(inputs);
+      if (general) {
+        go(&forward_units<acc_t, Inputs, core::ClippedRule>);
+      } else {
+        go(&forward_units<acc_t, Inputs, PlainClippedRule>);
+      }
+    });
+    return;
+  }
+  core::visit_rule(rule, [&](auto rule_struct) {
+    go(&forward_units<acc_t, RuntimeInputs, decltype(rule_struct)>);
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 /// must be linked in (psft_enable_cuda() in cmake/psftCuda.cmake), which is
 /// why the dispatcher includes this header only under PSFT_WITH_CUDA_KERNELS.
 
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -30,6 +32,11 @@ inline psft_cuda_entry::ClippedLossConfig clipped_loss_config(const detail::Clip
   c.dual_clip = opts.clip.dual_clip ? *opts.clip.dual_clip : 0.0;
   c.log_ratio_clamp = opts.clip.log_ratio_clamp;
   c.delta = opts.clip.delta ? *opts.clip.delta : 0.0;
+  c.rule = static_cast<int>(in.rule);
+  c.cispo_cap = opts.objective.cispo_cap;
+  c.sapo_tau_pos = opts.objective.sapo_tau_pos;
+  c.sapo_tau_neg = opts.objective.sapo_tau_neg;
+  c.kl_estimator = static_cast<int>(in.kl_estimator);
   c.reduction = static_cast<int>(opts.reduction);
   c.has_tokens = opts.normaliser && opts.normaliser->tokens;
   c.tokens = c.has_tokens ? *opts.normaliser->tokens : 0.0;
@@ -57,8 +64,8 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
     TORCH_CHECK(!(flags & 8u), in.api,
                 ": logp has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
-    TORCH_CHECK(!(flags & 1u), in.api,
-                ": old_logp has NaN or Inf at an unmasked token (set "
+    TORCH_CHECK(!(flags & 1u), in.api, ": ", in.old_name,
+                " has NaN or Inf at an unmasked token (set "
                 "LossOptions::check_finite = false to skip this check)");
     TORCH_CHECK(!(flags & 2u), in.api,
                 ": advantages has NaN or Inf at an unmasked token (set "
@@ -75,6 +82,10 @@ inline detail::ClippedLossOutputs clipped_loss_forward(const detail::ClippedLoss
   out.metrics = r.metrics;
   out.coef = r.coef;
   out.scale = r.scale;
+  // status [batch tokens, non-empty sequences, loss sum] (entry.hpp), on the device.
+  const at::Tensor tokens = r.status.select(0, 3);
+  out.token_loss_mean =
+      at::where(tokens > 0, r.status.select(0, 5) / tokens, at::zeros_like(tokens));
   return out;
 }
 

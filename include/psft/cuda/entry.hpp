@@ -23,8 +23,10 @@ namespace psft_cuda_entry {
 
 /// Interface version; bumped when a signature, or the meaning of a result,
 /// below changes (2: ClippedLossResult::scale holds the row factors and the
-/// global factor apart; token_logprobs' stats hold the raw maximum).
-constexpr int kEntryVersion = 2;
+/// global factor apart; token_logprobs' stats hold the raw maximum; 3: the
+/// objective rule and its parameters in ClippedLossConfig, the batch's loss
+/// sum in ClippedLossResult::status).
+constexpr int kEntryVersion = 3;
 
 /// Clip and reduction settings of one loss call (mirror of
 /// psft::ClipOptions and psft::LossOptions, resolved).
@@ -34,6 +36,11 @@ struct ClippedLossConfig {
   double dual_clip = 0.0;         ///< <= 0: none
   double log_ratio_clamp = 20.0;  ///< ClipOptions::log_ratio_clamp
   double delta = 0.0;             ///< ClipOptions::delta; <= 0: none
+  int rule = 0;                   ///< static_cast<int>(psft::core::RuleId)
+  double cispo_cap = 5.0;         ///< ObjectiveOptions::cispo_cap
+  double sapo_tau_pos = 1.0;      ///< ObjectiveOptions::sapo_tau_pos
+  double sapo_tau_neg = 1.05;     ///< ObjectiveOptions::sapo_tau_neg
+  int kl_estimator = 3;           ///< static_cast<int>(psft::core::KlEstimatorId)
   int reduction = 0;              ///< static_cast<int>(psft::Reduction)
   bool has_tokens = false;        ///< the normaliser supplies a token count
   double tokens = 0.0;            ///< normaliser.tokens when has_tokens
@@ -54,9 +61,9 @@ struct ClippedLossResult {
   /// reductions [rows + 1], the row factors then the global factor, else
   /// [1], the global factor (Note [Clipped-loss scale] in clipped_loss.cuh).
   at::Tensor scale;
-  /// [5] float64: bad-value flags (1 old_logp, 2 advantages, 4 mask, 8
+  /// [6] float64: bad-value flags (1 old_logp, 2 advantages, 4 mask, 8
   /// logp), the normaliser's tokens / sequences too small (0/1), the batch's
-  /// token and non-empty sequence counts. Read it only when a check needs
+  /// token and non-empty sequence counts, and its sum of w l. Read it only when a check needs
   /// it: reading it synchronises with the device.
   at::Tensor status;
 };

@@ -71,24 +71,6 @@ kernels::DeviceInput device_input(const at::Tensor& t, std::int64_t rows, const 
   return in;
 }
 
-/// forward_units for these inputs (kernels::forward_path), with or without
-/// the dual clip (Note [Kernels without a dual clip] in clipped_loss.cuh).
-template <class acc_t>
-void launch_forward_units(const kernels::ForwardParams<acc_t>& a, unsigned blocks,
-                          cudaStream_t stream) {
-  const bool dual = a.clip.dual_clip > acc_t(0);
-  const auto go = [&](auto inputs) {
-    using Inputs = decltype(inputs);
-    if (dual) {
-      kernels::forward_units<acc_t, Inputs, true><<<blocks, kernels::kThreads, 0, stream>>>(a);
-    } else {
-      kernels::forward_units<acc_t, Inputs, false><<<blocks, kernels::kThreads, 0, stream>>>(a);
-    }
-  };
-  constexpr bool kFloat = std::is_same<acc_t, float>::value;
-  kernels::with_forward_inputs<kFloat>(kernels::forward_path(a.inputs, kFloat), go);
-}
-
 template <class acc_t>
 void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
                     const at::Tensor& advantages, const at::Tensor& mask, std::int64_t rows,
@@ -134,6 +116,10 @@ void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
   a.clip = {static_cast<acc_t>(c.eps_low), static_cast<acc_t>(c.eps_high),
             static_cast<acc_t>(c.dual_clip > 0 ? c.dual_clip : 0.0),
             static_cast<acc_t>(c.log_ratio_clamp), static_cast<acc_t>(c.delta)};
+  a.clip.cispo_cap = static_cast<acc_t>(c.cispo_cap);
+  a.clip.sapo_tau_pos = static_cast<acc_t>(c.sapo_tau_pos);
+  a.clip.sapo_tau_neg = static_cast<acc_t>(c.sapo_tau_neg);
+  a.clip.kl_estimator = c.kl_estimator;
   a.check_finite = c.check_finite;
   a.reduction = {static_cast<psft::Reduction>(c.reduction),
                  c.has_tokens,
@@ -150,7 +136,10 @@ void launch_forward(const at::Tensor& logp, const at::Tensor& old_logp,
   a.scale = out.scale.data_ptr<double>();
   a.metrics = out.metrics.data_ptr<double>();
   a.status = out.status.data_ptr<double>();
-  launch_forward_units(a, static_cast<unsigned>(std::max<std::int64_t>(units, 1)), stream);
+  const auto blocks = static_cast<unsigned>(std::max<std::int64_t>(units, 1));
+  kernels::with_forward_kernel(
+      static_cast<psft::core::RuleId>(c.rule), a, /*runtime=*/false,
+      [&](auto kernel) { kernel<<<blocks, kernels::kThreads, 0, stream>>>(a); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -38,18 +38,20 @@ inline void check_same_device(const char* api, const char* name, const at::Tenso
 inline ClippedLossInputs check_clipped_loss_inputs(const char* api, const at::Tensor& logp,
                                                    const at::Tensor& old_logp,
                                                    const at::Tensor& advantages,
-                                                   const at::Tensor& mask,
-                                                   const LossOptions& opts) {
+                                                   const at::Tensor& mask, const LossOptions& opts,
+                                                   const char* old_name = "old_logp") {
   check_float_tensor(api, "logp", logp);
   TORCH_CHECK(logp.dim() == 1 || logp.dim() == 2, api, ": logp must have shape [B, T] or [N], got ",
               logp.sizes());
-  check_float_tensor(api, "old_logp", old_logp);
-  check_same_device(api, "old_logp", old_logp, logp);
-  TORCH_CHECK(old_logp.sizes() == logp.sizes(), api, ": old_logp must have logp's shape ",
+  check_float_tensor(api, old_name, old_logp);
+  check_same_device(api, old_name, old_logp, logp);
+  TORCH_CHECK(old_logp.sizes() == logp.sizes(), api, ": ", old_name, " must have logp's shape ",
               logp.sizes(), ", got ", old_logp.sizes());
 
   ClippedLossInputs in;
   in.api = api;
+  in.old_name = old_name;
+  in.rule = core::rule_for(opts.objective.kind);
   in.logp = logp;
   in.old_logp = old_logp.detach();
   in.rows = logp.dim() == 2 ? logp.size(0) : 1;

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "psft/core/config.hpp"
+#include "psft/core/objective.hpp"
 #include "psft/core/options.hpp"
 
 PSFT_NAMESPACE_BEGIN
@@ -20,6 +21,21 @@ struct ClippedLossInputs {
   std::int64_t rows = 0;                  ///< B ([N] inputs: 1)
   std::int64_t cols = 0;                  ///< T ([N] inputs: N)
   const char* api = "psft::policy_loss";  ///< prefix of error messages
+  const char* old_name =
+      "old_logp";  ///< old_logp's name in messages ("ref_logp" for the KL penalty)
+  /// The objective rule (Note [Objective rules]); KlPenalty reads ref_logp
+  /// in old_logp's place.
+  core::RuleId rule = core::RuleId::Clipped;
+  /// Which KL estimator the KlPenalty rule computes.
+  core::KlEstimatorId kl_estimator = core::KlEstimatorId::K3;
+
+  /// The rule's parameters in a kernel's accumulation type.
+  template <class T>
+  core::ObjectiveParams<T> params(const LossOptions& opts) const {
+    core::ObjectiveParams<T> p = core::objective_params<T>(opts);
+    p.kl_estimator = static_cast<int>(kl_estimator);
+    return p;
+  }
 };
 
 /// What a backend's forward returns.
@@ -28,6 +44,9 @@ struct ClippedLossOutputs {
   at::Tensor metrics;  ///< [core::kMetricCount] float64, MetricValues order
   at::Tensor coef;     ///< logp's shape, accumulation dtype: w dl/dlogp; undefined without grad
   at::Tensor scale;    ///< [rows] (per-row reductions) or [1]: the reduction's factor
+  /// 0-d float64: sum(w l) / sum(w), the mask-weighted mean per-token loss
+  /// (0 without tokens); the KL penalty's kl_mean.
+  at::Tensor token_loss_mean;
 };
 
 /// Float accumulation for bf16/fp16/fp32, double for fp64.

@@ -13,6 +13,7 @@
 #include "psft/core/clipped_objective.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/metrics.hpp"
+#include "psft/core/objective.hpp"
 #include "psft/core/options.hpp"
 #include "psft/core/reduction.hpp"
 #include "psft/core/validate.hpp"
@@ -60,10 +61,26 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
   const std::string options_error = core::loss_options_error(opts, 2);
   detail::require(options_error.empty(), options_error);
 
-  const core::ClipParams<T> clip{T(opts.clip.eps_low), T(opts.clip.eps_high),
-                                 T(opts.clip.dual_clip ? *opts.clip.dual_clip : 0.0),
-                                 T(opts.clip.log_ratio_clamp),
-                                 T(opts.clip.delta ? *opts.clip.delta : 0.0)};
+  if (opts.objective.ratio_level == RatioLevel::Sequence) {
+    // GSPO (RatioLevel::Sequence): old_logp' = logp - mean_t(logp - old_logp)
+    // makes every token's log-ratio its sequence's, with gradient 1.
+    TokenArray<T> sequence_old(logp.rows(), logp.cols());
+    for (Eigen::Index r = 0; r < logp.rows(); ++r) {
+      T sum = T(0), weight = T(0);
+      for (Eigen::Index c = 0; c < logp.cols(); ++c) {
+        if (mask(r, c) == T(0)) continue;
+        sum += mask(r, c) * (logp(r, c) - old_logp(r, c));
+        weight += mask(r, c);
+      }
+      const T mean = sum / (weight < T(1) ? T(1) : weight);
+      sequence_old.row(r) = logp.row(r) - mean;
+    }
+    LossOptions token_opts = opts;
+    token_opts.objective.ratio_level = RatioLevel::Token;
+    return policy_loss<T>(logp, sequence_old, advantages, mask, token_opts);
+  }
+  const core::ObjectiveParams<T> clip = core::objective_params<T>(opts);
+  const core::RuleId rule = core::rule_for(opts.objective.kind);
   const Eigen::Index rows = logp.rows(), cols = logp.cols();
   LossResult<T> out;
   out.grad = TokenArray<T>::Zero(rows, cols);
@@ -84,8 +101,14 @@ LossResult<T> policy_loss(const TokenArray<T>& logp, const TokenArray<T>& old_lo
       const T log_ratio = logp(r, c) - old_logp(r, c);
       const T clamped = core::clamp_log_ratio(log_ratio, clip.log_ratio_clamp);
       const T ratio = std::exp(clamped);
-      const core::TokenObjective<T> t = core::clipped_objective_from_ratio(
-          ratio, core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp), advantages(r, c), clip);
+      const core::TokenObjective<T> t = core::visit_rule(rule, [&](auto rule_struct) {
+        return decltype(rule_struct)::terms(
+            core::ScalarLanes<T>(),
+            core::token_input(logp(r, c), log_ratio, clamped, ratio,
+                              core::log_ratio_in_range(log_ratio, clip.log_ratio_clamp),
+                              advantages(r, c)),
+            clip);
+      });
       row_loss[r] += static_cast<double>(w * t.loss);
       row_tokens[r] += static_cast<double>(w);
       sums.add(t, clamped, ratio, w);
