@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Keeps the C++ notebooks in examples/notebooks/ (xeus-cling, kernel xcpp17)
-# from rotting: each notebook's code cells are extracted in order
-# (examples/notebooks/notebook_to_cpp.py: `// file scope` cells at file
-# scope, the others in one main(), `#pragma cling` lines removed), compiled
-# with g++ against LibTorch through examples/notebooks/CMakeLists.txt, and
-# run; a notebook's own checks make it fail when psft's numbers change.
+# Keeps the C++ notebooks in examples/notebooks/ from rotting, in two ways:
+#
+#   g++          each notebook's code cells are extracted in order
+#                (examples/notebooks/notebook_to_cpp.py: `// file scope`
+#                cells at file scope, the others in one main(),
+#                `#pragma cling` lines removed), compiled with g++ against
+#                LibTorch through examples/notebooks/CMakeLists.txt, and run.
+#   interpreter  each notebook's code cells are run one at a time, whole and
+#                as written, with state kept between cells, in clang 19's
+#                incremental interpreter (the engine of clang-repl and of
+#                the xeus-cpp kernel) against the same LibTorch:
+#                psft_notebook_repl (examples/notebooks/notebook_repl.cpp)
+#                applies each cell's `#pragma cling` lines as xeus-cling
+#                does, and the notebooks' display hook runs against
+#                examples/notebooks/kernel_stub/. It fails on a cell that
+#                does not compile or link, throws, or crashes the
+#                interpreter, naming the cell; then every SVG plot a cell
+#                wrote must parse and have been displayed.
+#
+# Either way a notebook's own checks (they throw) fail the run when psft's
+# numbers change.
 #
 # If cppyy (PyPI; it ships cling, the interpreter behind xeus-cling) is
 # installed in $PSFT_CLING_VENV, the notebooks also run cell by cell under
 # cling, pragmas included, as a smoke test of the notebook form itself.
 #
-# Build tree: build/notebooks (the notebooks write their SVG plots there).
+# Build tree: build/notebooks (the programs write their SVG plots there,
+# the interpreter runs under build/notebooks/repl/<notebook>/).
 # Runnable alone after scripts/setup.sh.
 #
 # Environment:
 #   PSFT_TORCH_PREFIX  the LibTorch root (default: the torch wheel's package
 #                      directory in the tools virtual environment)
 #   PSFT_VENV          as for scripts/setup.sh
+#   PSFT_JOBS          parallel build jobs (default: 1)
 #   PSFT_CLING_VENV    a virtual environment with cppyy (default: none; the
 #                      cling run is skipped without one)
 set -euo pipefail
@@ -32,14 +49,29 @@ if [ "${#notebooks[@]}" -eq 0 ]; then
   exit 1
 fi
 
+mkdir -p "$out"
 cmake -S examples/notebooks -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" >"$out.configure.log" 2>&1 ||
-  { cat "$out.configure.log"; exit 1; }
+  -DCMAKE_PREFIX_PATH="$PSFT_TORCH_PREFIX" -DPSFT_NOTEBOOK_REPL=ON >"$out.configure.log" 2>&1 ||
+  {
+    cat "$out.configure.log"
+    echo "check-notebooks: configure failed (scripts/setup.sh installs clang 19)" >&2
+    exit 1
+  }
 cmake --build "$out" -j "${PSFT_JOBS:-1}"
 for notebook in "${notebooks[@]}"; do
   name=$(basename "$notebook" .ipynb)
   echo "--- check-notebooks: $name (g++)"
   (cd "$out" && "./notebook_$name")
+done
+
+for notebook in "${notebooks[@]}"; do
+  name=$(basename "$notebook" .ipynb)
+  echo "--- check-notebooks: $name (interpreter: clang 19, cell by cell)"
+  start=$SECONDS
+  python3 examples/notebooks/notebook_to_cpp.py --repl "$notebook" \
+    --driver "$out/psft_notebook_repl" --workdir "$out/repl/$name" \
+    --torch-prefix "$PSFT_TORCH_PREFIX" --psft-include "$root/include"
+  echo "--- check-notebooks: $name passed in the interpreter ($((SECONDS - start)) s)"
 done
 
 if [ -n "${PSFT_CLING_VENV:-}" ]; then
@@ -57,4 +89,4 @@ if [ -n "${PSFT_CLING_VENV:-}" ]; then
 else
   echo "check-notebooks: cling run skipped (set PSFT_CLING_VENV to a virtual environment with cppyy)"
 fi
-echo "check-notebooks: ${#notebooks[@]} notebooks passed"
+echo "check-notebooks: ${#notebooks[@]} notebooks passed, compiled with g++ and cell by cell in the interpreter"

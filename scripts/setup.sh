@@ -5,7 +5,11 @@
 #   Debian packages: compiler, CMake, Ninja, Catch2, Eigen, Google Benchmark,
 #                    Doxygen, clang-format, and libtorch-dev (LibTorch 1.13,
 #                    the oldest LibTorch psft supports), libgloo-dev (gloo's
-#                    headers, for the Gloo tests and example).
+#                    headers, for the Gloo tests and example), clang 19's
+#                    interpreter library and headers (libclang-19-dev,
+#                    libclang-cpp19-dev, llvm-19-dev) and nlohmann-json3-dev,
+#                    for the notebooks' cell-by-cell run
+#                    (scripts/check-notebooks.sh).
 #   PyPI:            the torch wheel (LibTorch 2.x) in a virtual environment
 #                    kept outside the clone, so later runs and CI reuse it;
 #                    in the same environment, matplotlib (the demo's plot)
@@ -32,6 +36,7 @@ debian_packages=(
   python3 python3-venv python3-pip
   catch2 libeigen3-dev libbenchmark-dev doxygen clang-format
   libtorch-dev libgloo-dev
+  libclang-19-dev libclang-cpp19-dev llvm-19-dev nlohmann-json3-dev
 )
 
 # Runs a command with its output appended to $log; on failure shows the end

@@ -27,8 +27,9 @@
 #             portfile's own options and consumed, and `conan create` of
 #             conanfile.py with test_package/, offline (build/packaging)
 #   notebooks scripts/check-notebooks.sh: the code cells of each
-#             examples/notebooks/*.ipynb compiled with g++ and run
-#             (build/notebooks)
+#             examples/notebooks/*.ipynb compiled with g++ and run, and run
+#             cell by cell in clang 19's interpreter (psft_notebook_repl)
+#             against the torch wheel (build/notebooks)
 #   peers     scripts/check-peers.sh: psft's numbers against the real verl
 #             0.9.1 and TRL 1.16.0 from PyPI (installed into the tools
 #             environment with --no-deps, only what is missing), through a
