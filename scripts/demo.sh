@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main demo: PSFT vs SFT on a small GPT, end to end (docs/demo.md).
 #
-#   scripts/demo.sh [psft_gpt arguments...]     e.g. --out DIR, --quick
+#   scripts/demo.sh [psft_gpt arguments...]     e.g. --out DIR, --quick, --seeds 3
 #
 # Builds examples/gpt (psft_gpt) against the torch wheel in the build tree of
 # scripts/test.sh (build/main, CMake preset "default"), runs it (output in
 # build/demo unless --out says otherwise; the base model is cached under
-# ~/.cache/psft), then draws DIR/curves.png with examples/gpt/plot.py.
+# ~/.cache/psft), then draws DIR/curves.png with examples/gpt/plot.py (with
+# --seeds N: DIR/seed-K/curves.png for every seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +37,8 @@ done
 if ((has_out == 0)); then args+=(--out "$out"); fi
 
 build/main/examples/psft_gpt "${args[@]}"
-"$venv/bin/python" examples/gpt/plot.py "$out/metrics.csv" "$out/curves.png"
+for metrics in "$out"/metrics.csv "$out"/seed-*/metrics.csv; do
+  if [[ -f $metrics ]]; then
+    "$venv/bin/python" examples/gpt/plot.py "$metrics" "$(dirname "$metrics")/curves.png"
+  fi
+done

@@ -1,6 +1,9 @@
 # ctest psft_gpt_quick: runs `psft_gpt --quick --out OUT` and checks that its
 # outputs are well formed: metrics.csv has the header and rows of every run
-# and stage, summary.json parses and reports the promised fields per run.
+# and stage, summary.json parses and reports the promised fields per run
+# (the trust-region monitor's verdicts included). Then runs the --seeds mode
+# (2 seeds, GSPO's sequence-level ratio in RL) and CISPO, and checks the
+# aggregate summary.json and seeds.md.
 #
 #   cmake -DPSFT_GPT=<psft_gpt> -DOUT=<dir> -P check_quick.cmake
 cmake_minimum_required(VERSION 3.19) # string(JSON)
@@ -74,4 +77,67 @@ foreach(run sft psft)
     message(FATAL_ERROR "metrics.csv has no RL rows of ${run}")
   endif()
 endforeach()
-message(STATUS "psft_gpt --quick: ${n} lines of metrics, summary.json well formed")
+foreach(run sft psft)
+  foreach(field trust_region rl_trust_region)
+    string(JSON state ERROR_VARIABLE err GET "${runs}" ${run} ${field} state)
+    if(err OR NOT state MATCHES "^(healthy|never_binds|binds_on_most)$")
+      message(FATAL_ERROR "summary.json: runs.${run}.${field}.state: '${state}' ${err}")
+    endif()
+  endforeach()
+endforeach()
+
+# --seeds: one directory per seed, mean and spread in summary.json and seeds.md.
+set(seeds_out "${OUT}/seeds")
+execute_process(COMMAND "${PSFT_GPT}" --quick --seeds 2 --rl-objective gspo --out "${seeds_out}"
+                RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "psft_gpt --quick --seeds 2 --rl-objective gspo failed: ${rc}")
+endif()
+foreach(f seed-0/metrics.csv seed-0/summary.json seed-1/metrics.csv seed-1/summary.json
+          summary.json seeds.md)
+  if(NOT EXISTS "${seeds_out}/${f}")
+    message(FATAL_ERROR "psft_gpt --quick --seeds 2 wrote no ${f}")
+  endif()
+endforeach()
+file(READ "${seeds_out}/summary.json" json)
+string(JSON n_seeds ERROR_VARIABLE err LENGTH "${json}" seeds)
+if(err OR NOT n_seeds EQUAL 2)
+  message(FATAL_ERROR "summary.json of --seeds 2: seeds: '${n_seeds}' ${err}")
+endif()
+string(JSON level GET "${json}" rl_objective ratio_level)
+if(NOT level STREQUAL "sequence")
+  message(FATAL_ERROR "summary.json of --rl-objective gspo: ratio_level '${level}'")
+endif()
+foreach(run sft sft_lr_psft psft psft_lr_sft)
+  foreach(field in_domain_accuracy rl_final_reward rl_gain)
+    foreach(stat mean std min max)
+      string(JSON v ERROR_VARIABLE err GET "${json}" runs ${run} ${field} ${stat})
+      if(err)
+        message(FATAL_ERROR "summary.json of --seeds 2: runs.${run}.${field}.${stat}: ${err}")
+      endif()
+    endforeach()
+  endforeach()
+  string(JSON n_reports LENGTH "${json}" runs ${run} trust_region)
+  if(NOT n_reports EQUAL 2)
+    message(FATAL_ERROR "summary.json of --seeds 2: runs.${run}.trust_region has ${n_reports}")
+  endif()
+endforeach()
+string(JSON v ERROR_VARIABLE err GET "${json}" comparisons "psft - sft_lr_psft" in_domain_accuracy
+       mean)
+if(err)
+  message(FATAL_ERROR "summary.json of --seeds 2: comparisons: ${err}")
+endif()
+
+# CISPO in the RL stage.
+execute_process(COMMAND "${PSFT_GPT}" --quick --only sft,psft --rl-from sft,psft
+                        --rl-objective cispo --out "${OUT}/cispo" RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "psft_gpt --quick --rl-objective cispo failed: ${rc}")
+endif()
+file(READ "${OUT}/cispo/summary.json" json)
+string(JSON v ERROR_VARIABLE err GET "${json}" runs psft rl_final_reward)
+if(err OR v STREQUAL "null")
+  message(FATAL_ERROR "summary.json of --rl-objective cispo: runs.psft.rl_final_reward '${v}'")
+endif()
+message(STATUS "psft_gpt --quick: ${n} lines of metrics, summary.json well formed; --seeds 2 "
+               "(GSPO) and CISPO well formed")

@@ -5,7 +5,8 @@
 /// warm-up), evaluation (accuracy, entropy, KL from the base) and a
 /// GRPO-style RL stage. Everything the losses see goes through psft's public
 /// API: token_logprobs, psft_loss_from_logits, policy_loss_from_logits,
-/// psft_loss (for the trust-region metrics of the SFT runs).
+/// psft_loss (for the trust-region metrics of the SFT runs), and
+/// TrustRegionMonitor (whether the trust region binds at all).
 
 #include <torch/torch.h>
 
@@ -303,10 +304,14 @@ inline psft::TokenLogprobs score(Gpt& model, const Batch& b) {
 /// mini-batch under the weights the global batch starts from, then each
 /// mini-batch takes one optimizer step (ppo_epochs passes over the global
 /// batch). SFT and DFT runs go through the same loop and log what PSFT's
-/// trust region would have clipped.
+/// trust region would have clipped. `monitor`, if given, records the
+/// trust-region metrics of the last mini-batch of every global batch (the
+/// first one has r = 1 under Recompute and says nothing), before `log` sees
+/// that step.
 inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
                     const FinetuneConfig& c, const Evaluator& evaluator,
-                    const std::function<void(const StepLog&)>& log) {
+                    const std::function<void(const StepLog&)>& log,
+                    psft::TrustRegionMonitor* monitor = nullptr) {
   Gpt model = clone_model(base);
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(run.lr).weight_decay(c.weight_decay));
@@ -385,6 +390,7 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
         s.clip_frac_high = metrics.clip_frac_high.item<double>();
         s.ratio_max = metrics.ratio_max.item<double>();
         s.approx_kl = metrics.approx_kl_k3.item<double>();
+        if (monitor != nullptr && k + 1 == minis.size()) monitor->record(s.step, metrics);
         ++step;
         if (step % c.eval_every == 0 || step == total) {
           s.eval = evaluator(model);
@@ -400,7 +406,8 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
 // ---------------------------------------------------------------- RL
 
 /// GRPO-style RL on the task: sampled groups, exact-match rewards,
-/// group-normalised advantages, the clipped objective of policy_loss
+/// group-normalised advantages, the clipped objective of policy_loss (or
+/// the rule `loss.objective` selects: GSPO's sequence ratio, CISPO)
 /// against the sampling policy's log-probabilities, several passes per
 /// sampled batch.
 struct RlConfig {
@@ -415,6 +422,10 @@ struct RlConfig {
   /// reward (their advantages are 0): they would only dilute the token mean.
   bool skip_uniform_groups = true;
   std::uint64_t seed = 11;
+  /// The objective: eps 0.2 / 0.28, token mean, the clipped rule at token
+  /// level by default (GRPO's); main.cpp's --rl-objective sets GSPO's
+  /// sequence-level ratio or CISPO here.
+  psft::LossOptions loss;
 };
 
 /// Group-normalised advantages of `rewards` [prompts, group]:
@@ -427,13 +438,16 @@ inline torch::Tensor group_advantages(const torch::Tensor& rewards) {
 /// Runs GRPO-style RL from a copy of `start`; `log` gets one row per sampled
 /// batch (reward, and the mean over its updates of the loss, entropy, clip
 /// fraction, ratio max and approximate KL against the sampling policy).
+/// `monitor`, if given, records the metrics of the last update of every
+/// sampled batch (the first has r = 1), before `log` sees that step.
 inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, const RlConfig& c,
-                     const std::function<void(const StepLog&)>& log) {
+                     const std::function<void(const StepLog&)>& log,
+                     psft::TrustRegionMonitor* monitor = nullptr) {
   Gpt model = clone_model(start);
   torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(c.lr).weight_decay(0.0));
   std::mt19937_64 rng(c.seed);  // the same prompts for every run
   torch::manual_seed(c.seed);   // the same sampler stream
-  psft::LossOptions loss_opts;  // eps 0.2 / 0.28, token mean
+  const psft::LossOptions& loss_opts = c.loss;
   psft::LogitsOptions logits_opts;
   logits_opts.temperature = c.temperature;
   const std::int64_t n = c.prompts * c.group;
@@ -477,6 +491,7 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
       }
       const std::int64_t chunks = std::min(c.mini_batches, m);
       std::int64_t updates = 0;
+      psft::LossMetrics last_update;
       for (std::int64_t pass = 0; pass < c.ppo_epochs; ++pass) {
         // Shuffle so that each mini-batch mixes prompts.
         const torch::Tensor perm = torch::randperm(m, torch::kLong);
@@ -494,6 +509,7 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
           s.clip_frac_high += out.metrics.clip_frac.item<double>();
           s.approx_kl += out.metrics.approx_kl_k3.item<double>();
           s.ratio_max = std::max(s.ratio_max, out.metrics.ratio_max.item<double>());
+          last_update = out.metrics;
           ++updates;
         }
       }
@@ -501,6 +517,7 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
       s.entropy /= updates;
       s.clip_frac_high /= updates;
       s.approx_kl /= updates;
+      if (monitor != nullptr) monitor->record(s.step, last_update);
     }
     log(s);
   }
