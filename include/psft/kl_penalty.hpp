@@ -46,6 +46,8 @@ struct KlPenaltyResult {
 /// \param logp      [B, T] or [N] log-probabilities under the current policy.
 /// \param ref_logp  same shape: under the reference policy.
 /// \param mask      as policy_loss's (undefined: every token counts).
+/// \param estimator the KL estimator (verl's K3 / low_var_kl by default).
+/// \param opts      reduction, normaliser, check_finite, backend (as policy_loss).
 /// \throws c10::Error naming the argument on bad input.
 inline KlPenaltyResult kl_penalty(const at::Tensor& logp, const at::Tensor& ref_logp,
                                   const at::Tensor& mask, KlEstimator estimator = KlEstimator::K3,

@@ -236,6 +236,9 @@ struct AsftLossResult {
 /// \param logits      [B, T, V] or [N, V] policy logits (see token_logprobs).
 /// \param ref_logits  the reference model's logits, same shape (any float dtype).
 /// \param labels      int64, logits' shape without V; ignore_index is not scored.
+/// \param kl_coef     the anchor's weight lambda, finite and >= 0.
+/// \param opts        reduction, normaliser, check_finite (as sft_loss).
+/// \param logits_opts ignore_index, temperature, composed_chunk_bytes, backend.
 /// \throws c10::Error naming the argument on bad input.
 inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::Tensor& ref_logits,
                                             const at::Tensor& labels, double kl_coef = 0.05,

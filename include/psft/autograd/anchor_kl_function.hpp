@@ -21,6 +21,7 @@ namespace autograd {
 /// backward, chunk by chunk.
 class AnchorKlFunction : public torch::autograd::Function<AnchorKlFunction> {
  public:
+  /// The per-token KL; saves the inputs (no copy) for backward.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& ref_logits, const at::Tensor& scored,
                             double temperature, std::int64_t chunk_bytes) {
@@ -30,6 +31,7 @@ class AnchorKlFunction : public torch::autograd::Function<AnchorKlFunction> {
     return composed::anchor_kl_forward(logits, ref_logits, scored, temperature, chunk_bytes);
   }
 
+  /// d / d logits, chunk by chunk; one entry per forward input.
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),

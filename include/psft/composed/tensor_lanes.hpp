@@ -17,9 +17,12 @@ namespace composed {
 
 /// Lane operations on tensors of the accumulation dtype `options`.
 struct TensorLanes {
-  using Scalar = double;
-  using Value = at::Tensor;
-  using Mask = at::Tensor;
+  using Scalar = double;     ///< the parameters' type
+  using Value = at::Tensor;  ///< the values of every token
+  using Mask = at::Tensor;   ///< a bool tensor
+
+  ///@{
+  /// core::ScalarLanes' operations on whole tensors.
 
   at::TensorOptions options;  ///< dtype and device of the values
 
@@ -34,6 +37,7 @@ struct TensorLanes {
   static Mask both(const Mask& a, const Mask& b) { return at::logical_and(a, b); }
   static Mask either(const Mask& a, const Mask& b) { return at::logical_or(a, b); }
   static Mask negate(const Mask& a) { return at::logical_not(a); }
+  ///@}
 };
 
 }  // namespace composed

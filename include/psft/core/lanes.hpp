@@ -21,6 +21,10 @@ struct ScalarLanes {
   using Value = T;    ///< one token's value
   using Mask = bool;  ///< one token's condition
 
+  ///@{
+  /// The lane operations of Note [Objective rules]: splat a parameter,
+  /// an all-false mask, select, min(a, b) = b < a ? b : a, max(a, b) =
+  /// a < b ? b : a, abs, exp, and, or and not of masks.
   PSFT_HOST_DEVICE static Value splat(Scalar x) { return x; }
   PSFT_HOST_DEVICE static Mask none() { return false; }
   PSFT_HOST_DEVICE static Value select(Mask m, Value a, Value b) { return m ? a : b; }
@@ -34,6 +38,7 @@ struct ScalarLanes {
   PSFT_HOST_DEVICE static Mask both(Mask a, Mask b) { return a && b; }
   PSFT_HOST_DEVICE static Mask either(Mask a, Mask b) { return a || b; }
   PSFT_HOST_DEVICE static Mask negate(Mask a) { return !a; }
+  ///@}
 };
 
 }  // namespace core

@@ -9,9 +9,11 @@
 /// A variant of the policy objective (the clipped surrogate, CISPO, SAPO,
 /// the KL penalty, ...) is one struct with one function,
 ///
+/// \code
 ///   template <class Lanes>
 ///   static TokenTerms<Lanes> terms(const Lanes& o, const TokenInput<Lanes>& t,
 ///                                  const ObjectiveParams<typename Lanes::Scalar>& p);
+/// \endcode
 ///
 /// written once with the arithmetic operators and the lane operations of
 /// Lanes (select, min, max, abs, exp, both, either, negate, splat, none).
@@ -33,8 +35,8 @@ namespace core {
 /// One token's inputs, as every backend computes them.
 template <class Lanes>
 struct TokenInput {
-  using Value = typename Lanes::Value;
-  using Mask = typename Lanes::Mask;
+  using Value = typename Lanes::Value;  ///< Lanes' value type
+  using Mask = typename Lanes::Mask;    ///< Lanes' mask type
   Value log_ratio;  ///< logp - old_logp (old_logp: ref_logp for the KL penalty), unclamped
   Value clamped;    ///< clamp(log_ratio, -B, B), B = log_ratio_clamp
   Value ratio;      ///< r = exp(clamped)
@@ -46,8 +48,8 @@ struct TokenInput {
 /// What a rule returns for a token.
 template <class Lanes>
 struct TokenTerms {
-  using Value = typename Lanes::Value;
-  using Mask = typename Lanes::Mask;
+  using Value = typename Lanes::Value;  ///< Lanes' value type
+  using Mask = typename Lanes::Mask;    ///< Lanes' mask type
   /// Per-token loss l (before the mask weight and the reduction).
   Value loss;
   /// d l / d logp (before the mask weight and the reduction's scale).

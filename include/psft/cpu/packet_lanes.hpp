@@ -19,16 +19,19 @@ namespace cpu {
 /// One packet of values.
 template <class Packet>
 struct PacketValue {
-  Packet p;
+  Packet p;  ///< the lanes
 };
 
 /// One packet of conditions (all-ones or zero lanes).
 template <class Packet>
 struct PacketMask {
-  Packet p;
+  Packet p;  ///< all-ones or zero lanes
 };
 
 namespace ei_lanes = Eigen::internal;
+
+///@{
+/// Arithmetic and comparisons lane by lane.
 
 template <class P>
 inline PacketValue<P> operator+(PacketValue<P> a, PacketValue<P> b) {
@@ -58,13 +61,17 @@ template <class P>
 inline PacketMask<P> operator==(PacketValue<P> a, PacketValue<P> b) {
   return {ei_lanes::pcmp_eq(a.p, b.p)};
 }
+///@}
 
 /// Lane operations on packets of type Packet (float lanes).
 template <class Packet>
 struct PacketLanes {
-  using Scalar = float;
-  using Value = PacketValue<Packet>;
-  using Mask = PacketMask<Packet>;
+  using Scalar = float;               ///< the parameters' type
+  using Value = PacketValue<Packet>;  ///< one packet of values
+  using Mask = PacketMask<Packet>;    ///< one packet of conditions
+
+  ///@{
+  /// core::ScalarLanes' operations, lane by lane.
 
   static Value splat(Scalar x) { return {ei_lanes::pset1<Packet>(x)}; }
   static Mask none() { return {ei_lanes::pzero(Packet())}; }
@@ -85,6 +92,7 @@ struct PacketLanes {
   static Mask both(Mask a, Mask b) { return {ei_lanes::pand(a.p, b.p)}; }
   static Mask either(Mask a, Mask b) { return {ei_lanes::por(a.p, b.p)}; }
   static Mask negate(Mask a) { return {ei_lanes::pandnot(ei_lanes::ptrue(a.p), a.p)}; }
+  ///@}
 };
 
 }  // namespace cpu

@@ -42,6 +42,7 @@ PSFT_HOST_DEVICE inline TokenTerms<Lanes> cispo_terms(
 
 /// verl's cispo: w = clip(r, 1 - eps_low, 1 + eps_high).
 struct CispoRelativeRule {
+  /// The terms of one token, packet or tensor (Note [Objective rules]).
   template <class Lanes>
   PSFT_HOST_DEVICE static TokenTerms<Lanes> terms(
       const Lanes& o, const TokenInput<Lanes>& t,
@@ -56,6 +57,7 @@ struct CispoRelativeRule {
 
 /// TRL's and Liger's cispo: w = min(r, cispo_cap).
 struct CispoCappedRule {
+  /// The terms of one token, packet or tensor (Note [Objective rules]).
   template <class Lanes>
   PSFT_HOST_DEVICE static TokenTerms<Lanes> terms(
       const Lanes& o, const TokenInput<Lanes>& t,

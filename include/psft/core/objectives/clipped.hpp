@@ -18,6 +18,7 @@ namespace core {
 
 /// The clipped surrogate (Note [Objective rules]).
 struct ClippedRule {
+  /// The terms of one token, packet or tensor (Note [Objective rules]).
   template <class Lanes>
   PSFT_HOST_DEVICE static TokenTerms<Lanes> terms(
       const Lanes& o, const TokenInput<Lanes>& t,

@@ -24,6 +24,7 @@ namespace core {
 
 /// The KL penalty (Note [Objective rules]).
 struct KlPenaltyRule {
+  /// The terms of one token, packet or tensor (Note [Objective rules]).
   template <class Lanes>
   PSFT_HOST_DEVICE static TokenTerms<Lanes> terms(
       const Lanes& o, const TokenInput<Lanes>& t,

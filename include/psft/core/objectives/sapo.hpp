@@ -16,6 +16,7 @@ namespace core {
 
 /// The SAPO gate (Note [Objective rules]).
 struct SapoRule {
+  /// The terms of one token, packet or tensor (Note [Objective rules]).
   template <class Lanes>
   PSFT_HOST_DEVICE static TokenTerms<Lanes> terms(
       const Lanes& o, const TokenInput<Lanes>& t,
