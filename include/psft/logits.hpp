@@ -167,9 +167,9 @@ inline LogitsOptions loss_from_logits_options(const char* api, const at::Tensor&
                                               const LossOptions& loss_opts,
                                               const LogitsOptions& logits_opts) {
   TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
-  TORCH_CHECK(old_logp.defined(), api, ": old_logp is an undefined tensor");
-  TORCH_CHECK(old_logp.sizes() == labels.sizes(), api, ": old_logp must have labels' shape ",
-              labels.sizes(), ", got ", old_logp.sizes());
+  // An undefined old_logp is the on-policy case: old = logp (detached).
+  TORCH_CHECK(!old_logp.defined() || old_logp.sizes() == labels.sizes(), api,
+              ": old_logp must have labels' shape ", labels.sizes(), ", got ", old_logp.sizes());
   LogitsOptions opts = logits_opts;
   // The entropy bonus differentiates the entropy.
   if (loss_opts.entropy_coeff != 0.0) opts.entropy_grad = true;
@@ -184,14 +184,16 @@ inline LogitsOptions loss_from_logits_options(const char* api, const at::Tensor&
 }
 
 /// The clipped loss of token log-probabilities t (from any logits path), with
-/// the per-token tensors and the entropy mean alongside.
+/// the per-token tensors and the entropy mean alongside. An undefined
+/// old_logp is the on-policy case: old = t.logp detached (r = 1).
 inline LogitsLossResult loss_from_token_logprobs(
     const char* api, const TokenLogprobs& t, const at::Tensor& labels, const at::Tensor& old_logp,
     const at::Tensor& advantages, std::int64_t ignore_index, const LossOptions& loss_opts) {
   const at::Tensor mask = labels != ignore_index;
   LossOptions policy_opts = loss_opts;
   policy_opts.entropy_coeff = 0.0;
-  const LossResult loss = clipped_loss(api, t.logp, old_logp, advantages, mask, policy_opts);
+  const LossResult loss = clipped_loss(api, t.logp, old_logp.defined() ? old_logp : t.logp.detach(),
+                                       advantages, mask, policy_opts);
   LogitsLossResult out;
   out.loss = loss.loss;
   // Entropy bonus: verl's pg_loss - entropy_coeff * agg_loss(entropy).
@@ -307,7 +309,10 @@ inline at::Tensor shift_labels(const at::Tensor& input_ids, const at::Tensor& lo
 /// \param labels   int64, [B, T] or [N]
 /// \param old_logp labels' shape: log-probabilities under the old policy,
 ///                 ideally token_logprobs(...).logp of the same logits path
-///                 under NoGradGuard, kept in float32
+///                 under NoGradGuard, kept in float32; or an undefined
+///                 tensor: the old policy is the current one (an on-policy
+///                 mini-batch, r = 1), and the result's logp is what the
+///                 old-policy cache keeps (OldPolicy::old with current)
 /// \param loss_opts clipping, reduction, normaliser (as psft_loss)
 /// \param logits_opts ignore_index, temperature, entropy_grad, backend
 inline LogitsLossResult psft_loss_from_logits(const at::Tensor& logits, const at::Tensor& labels,

@@ -14,6 +14,7 @@
 #include "psft/backend.hpp"
 #include "psft/core/options.hpp"
 #include "psft/entropy.hpp"
+#include "psft/hidden.hpp"
 #include "psft/kl_penalty.hpp"
 #include "psft/logits.hpp"
 #include "psft/metric_log.hpp"

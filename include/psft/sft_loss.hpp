@@ -164,6 +164,35 @@ struct SftLogitsLossResult {
   at::Tensor entropy_mean;
 };
 
+namespace detail {
+
+/// sft_loss of token log-probabilities t (from any logits path), with the
+/// entropy bonus and the per-token tensors alongside.
+inline SftLogitsLossResult sft_loss_from_token_logprobs(const char* api, const TokenLogprobs& t,
+                                                        const at::Tensor& labels,
+                                                        SftVariant variant, const LossOptions& opts,
+                                                        std::int64_t ignore_index) {
+  const at::Tensor mask = labels != ignore_index;
+  LossOptions sft_opts = opts;
+  sft_opts.entropy_coeff = 0.0;
+  const SftLossResult r = sft_loss(t.logp, mask, variant, sft_opts);
+  SftLogitsLossResult out;
+  out.loss = r.loss;
+  if (opts.entropy_coeff != 0.0) {  // loss - entropy_coeff x agg(entropy), as the policy losses
+    out.loss =
+        out.loss - opts.entropy_coeff *
+                       aggregate_tokens(api, t.entropy, mask, sft_opts).to(out.loss.scalar_type());
+  }
+  out.nll_mean = r.nll_mean;
+  out.token_count = r.token_count;
+  out.logp = t.logp;
+  out.entropy = t.entropy;
+  out.entropy_mean = masked_entropy_mean(t.entropy, mask);
+  return out;
+}
+
+}  // namespace detail
+
 /// sft_loss on the log-probabilities of labels under logits, computed by
 /// token_logprobs (one fused pass, no [tokens, V] float32 tensor); labels
 /// equal to logits_opts.ignore_index are masked.
@@ -185,24 +214,8 @@ inline SftLogitsLossResult sft_loss_from_logits(const at::Tensor& logits, const 
   LogitsOptions pass_opts = logits_opts;
   if (opts.entropy_coeff != 0.0) pass_opts.entropy_grad = true;  // the entropy bonus
   const TokenLogprobs t = token_logprobs(logits, labels, pass_opts);
-  const at::Tensor mask = labels != logits_opts.ignore_index;
-  LossOptions sft_opts = opts;
-  sft_opts.entropy_coeff = 0.0;
-  const SftLossResult r = sft_loss(t.logp, mask, variant, sft_opts);
-  SftLogitsLossResult out;
-  out.loss = r.loss;
-  if (opts.entropy_coeff != 0.0) {  // loss - entropy_coeff x agg(entropy), as the policy losses
-    out.loss =
-        out.loss -
-        opts.entropy_coeff *
-            detail::aggregate_tokens(api, t.entropy, mask, sft_opts).to(out.loss.scalar_type());
-  }
-  out.nll_mean = r.nll_mean;
-  out.token_count = r.token_count;
-  out.logp = t.logp;
-  out.entropy = t.entropy;
-  out.entropy_mean = masked_entropy_mean(t.entropy, mask);
-  return out;
+  return detail::sft_loss_from_token_logprobs(api, t, labels, variant, opts,
+                                              logits_opts.ignore_index);
 }
 
 /// Result of asft_loss_from_logits.

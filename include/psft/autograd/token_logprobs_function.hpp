@@ -60,6 +60,25 @@ inline void run_token_logprobs_forward(const char* api, const at::Tensor& logits
   }
 }
 
+/// Runs the backward of the backend that ran the forward: d(sum grad_logp
+/// logp + grad_entropy entropy) / d logits, contiguous, in the logits' dtype.
+/// grad_logp and grad_entropy are contiguous in the accumulation dtype, or
+/// undefined (zero); logits has a last dimension of stride 1.
+inline at::Tensor run_token_logprobs_backward(const at::Tensor& logits, const at::Tensor& labels,
+                                              const at::Tensor& stats, const at::Tensor& grad_logp,
+                                              const at::Tensor& grad_entropy,
+                                              const LogitsOptions& opts, Backend backend) {
+  if (backend == Backend::FusedCpu) {
+    return cpu::token_logprobs_backward(logits, labels, stats, grad_logp, grad_entropy, opts);
+  }
+#if defined(PSFT_WITH_CUDA_KERNELS)
+  if (backend == Backend::FusedCuda) {
+    return cuda::token_logprobs_backward(logits, labels, stats, grad_logp, grad_entropy, opts);
+  }
+#endif
+  return composed::token_logprobs_backward(logits, labels, stats, grad_logp, grad_entropy, opts);
+}
+
 /// Stores in ctx what a logits backward reads: the stats of the forward
 /// pass, the options and the backend (see load_logits_backward_state).
 inline void save_logits_backward_state(torch::autograd::AutogradContext* ctx,
@@ -147,20 +166,9 @@ class TokenLogprobsFunction : public torch::autograd::Function<TokenLogprobsFunc
     const at::Tensor grad_entropy = opts.entropy_grad ? flat(grads[1]) : at::Tensor();
     at::Tensor grad_logits;  // undefined: nothing reached logp or entropy
     if (grad_logp.defined() || grad_entropy.defined()) {
-      const at::Tensor readable = detail::vocab_contiguous(logits);
-      const Backend backend = state.backend;
-      if (backend == Backend::FusedCpu) {
-        grad_logits =
-            cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
-#if defined(PSFT_WITH_CUDA_KERNELS)
-      } else if (backend == Backend::FusedCuda) {
-        grad_logits =
-            cuda::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
-#endif
-      } else {
-        grad_logits = composed::token_logprobs_backward(readable, labels, stats, grad_logp,
-                                                        grad_entropy, opts);
-      }
+      grad_logits =
+          detail::run_token_logprobs_backward(detail::vocab_contiguous(logits), labels, stats,
+                                              grad_logp, grad_entropy, opts, state.backend);
     }
     return {grad_logits,    // logits
             at::Tensor(),   // labels (integer)

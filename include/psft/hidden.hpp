@@ -1,0 +1,399 @@
+#pragma once
+/// \file
+/// The losses straight from the last hidden state, with the LM head fused
+/// in: token_logprobs_from_hidden, psft_loss_from_hidden,
+/// policy_loss_from_hidden and sft_loss_from_hidden. The logits are
+/// computed a chunk of tokens at a time and never exist whole, and neither
+/// does their gradient (Note [From hidden, chunked]). See docs/hidden.md.
+
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "psft/autograd/hidden_functions.hpp"
+#include "psft/backend.hpp"
+#include "psft/core/config.hpp"
+#include "psft/core/logits_options.hpp"
+#include "psft/core/options.hpp"
+#include "psft/core/reduction.hpp"
+#include "psft/detail/checks.hpp"
+#include "psft/logits.hpp"
+#include "psft/policy_loss.hpp"
+#include "psft/sft_loss.hpp"
+
+PSFT_NAMESPACE_BEGIN
+
+/// Options of the from-hidden functions: everything LogitsOptions has
+/// (ignore_index, temperature, entropy_grad, check_inputs, backend), the LM
+/// head's bias and the chunk size.
+struct HiddenOptions : LogitsOptions {
+  /// The LM head's bias, [V] in weight's dtype and on its device, or
+  /// undefined (no bias, as most LLM heads). Receives a gradient when it
+  /// requires one.
+  at::Tensor bias;
+  /// Scored tokens per chunk; 0 (the default) derives it from chunk_bytes.
+  /// >= 0.
+  std::int64_t chunk_tokens = 0;
+  /// With chunk_tokens = 0: tokens per chunk = max(1, chunk_bytes / (V x the
+  /// inputs' element size)), so that one chunk's logits take about this
+  /// many bytes (its gradient takes as many again). > 0.
+  std::int64_t chunk_bytes = std::int64_t(64) << 20;
+};
+
+namespace detail {
+
+/// Checks hidden, weight, bias, labels and the options, and returns the
+/// chunk schedule of a pass over them (Note [From hidden, chunked]). One
+/// host read of the labels (free on the CPU): which tokens are scored.
+inline HiddenPlan hidden_plan(const char* api, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& labels, const HiddenOptions& opts) {
+  check_float_tensor(api, "hidden", hidden);
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, api,
+              ": hidden must have shape [B, T, H] or [N, H], got ", hidden.sizes());
+  check_float_tensor(api, "weight", weight);
+  const std::int64_t width = hidden.size(-1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == width && weight.size(0) >= 1, api,
+              ": weight must be the LM head's [V, H] with V >= 1 and H = hidden.size(-1) = ", width,
+              ", got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), api, ": weight is ",
+              weight.scalar_type(), " but hidden is ", hidden.scalar_type(),
+              "; the LM head's GEMM runs in one dtype");
+  TORCH_CHECK(weight.device() == hidden.device(), api, ": weight is on ", weight.device(),
+              " but hidden is on ", hidden.device());
+  const std::int64_t vocab = weight.size(0);
+  if (opts.bias.defined()) {
+    check_float_tensor(api, "bias", opts.bias);
+    TORCH_CHECK(opts.bias.dim() == 1 && opts.bias.size(0) == vocab, api,
+                ": bias must have shape [V] = [", vocab, "], got ", opts.bias.sizes());
+    TORCH_CHECK(opts.bias.scalar_type() == weight.scalar_type(), api, ": bias is ",
+                opts.bias.scalar_type(), " but weight is ", weight.scalar_type());
+    TORCH_CHECK(opts.bias.device() == weight.device(), api, ": bias is on ", opts.bias.device(),
+                " but weight is on ", weight.device());
+  }
+  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, api, ": labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.device() == hidden.device(), api, ": labels is on ", labels.device(),
+              " but hidden is on ", hidden.device());
+  TORCH_CHECK(labels.sizes() == hidden.sizes().slice(0, hidden.dim() - 1), api,
+              ": labels must have hidden's shape without the hidden dimension, ",
+              hidden.sizes().slice(0, hidden.dim() - 1), ", got ", labels.sizes());
+  const std::string options_error = core::logits_options_error(opts);
+  TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+  TORCH_CHECK(opts.chunk_tokens >= 0, api,
+              ": chunk_tokens must be >= 0 (0: derived from chunk_bytes), got ", opts.chunk_tokens);
+  TORCH_CHECK(opts.chunk_bytes > 0, api, ": chunk_bytes must be > 0, got ", opts.chunk_bytes);
+
+  HiddenPlan plan;
+  plan.api = api;
+  plan.hidden = hidden.reshape({-1, width});
+  plan.weight = weight;
+  plan.bias = opts.bias;
+  plan.labels = labels.reshape({-1}).contiguous();
+  plan.tokens = plan.labels.numel();
+  plan.opts = opts;
+  plan.backend = backend_for(hidden, opts.backend);
+
+  const at::Tensor scored = plan.labels != opts.ignore_index;
+  if (opts.check_inputs) {
+    const at::Tensor bad =
+        at::logical_and(scored, at::logical_or(plan.labels < 0, plan.labels >= vocab));
+    const at::Tensor found = bad.nonzero();
+    TORCH_CHECK(found.size(0) == 0, api, ": labels must be in [0, ", vocab,
+                ") or equal ignore_index (", opts.ignore_index, "), got ",
+                found.size(0) == 0 ? 0 : plan.labels[found[0][0]].item<std::int64_t>(),
+                " at token ", found.size(0) == 0 ? 0 : found[0][0].item<std::int64_t>(),
+                " (flat index over the leading dimensions)");
+  }
+  plan.scored = scored.sum().item<std::int64_t>();
+  if (plan.scored < plan.tokens) plan.positions = scored.nonzero().reshape({-1});
+  const std::int64_t row_bytes =
+      vocab * static_cast<std::int64_t>(c10::elementSize(hidden.scalar_type()));
+  plan.chunk = opts.chunk_tokens > 0 ? opts.chunk_tokens
+                                     : std::max<std::int64_t>(1, opts.chunk_bytes / row_bytes);
+  return plan;
+}
+
+/// The loss's factor of every token ([N] float64 on labels' device): d
+/// loss / d l_t for a per-token loss l_t, from the reduction, the
+/// normaliser and each row's token count (core::reduce_rows, the fused
+/// loss's own code). One host read of the row counts.
+inline at::Tensor token_scales(const char* api, const at::Tensor& mask, const LossOptions& opts) {
+  const std::int64_t rows = mask.dim() == 2 ? mask.size(0) : 1;
+  const std::int64_t cols = mask.dim() == 2 ? mask.size(1) : mask.numel();
+  const at::Tensor row_tokens =
+      mask.reshape({rows, cols}).sum(1, /*keepdim=*/false, at::kDouble).cpu().contiguous();
+  std::vector<double> row_loss_unused(static_cast<std::size_t>(rows), 0.0);
+  at::Tensor row_scale = at::empty({rows}, at::TensorOptions().dtype(at::kDouble));
+  const core::RowReduction reduced = core::reduce_rows(
+      core::resolve_sequence_count(opts, rows), rows, cols, row_loss_unused.data(),
+      row_tokens.data_ptr<double>(), row_scale.data_ptr<double>());
+  TORCH_CHECK(reduced.error.empty(), api, ": ", reduced.error);
+  return row_scale.to(mask.device()).repeat_interleave(cols);
+}
+
+/// The bias as the Functions' argument: the plan's, or an empty placeholder
+/// (custom Functions take no undefined tensors), which gets no gradient.
+inline at::Tensor bias_argument(const HiddenPlan& plan) {
+  return plan.bias.defined() ? plan.bias : at::empty({0}, plan.weight.options());
+}
+
+/// opts with the plain sum over tokens as its reduction: a chunk's loss
+/// under them has d / d logp_t = d l_t / d logp_t.
+inline LossOptions token_sum_options(const LossOptions& opts) {
+  LossOptions sum = opts;
+  sum.reduction = Reduction::TokenSum;
+  sum.normaliser.reset();
+  sum.entropy_coeff = 0.0;
+  return sum;
+}
+
+/// d loss_of(logp) / d logp at logp_c (contiguous, accumulation dtype).
+template <class Loss>
+at::Tensor grad_of_token_sum(const at::Tensor& logp_c, Loss&& loss_of) {
+  at::AutoGradMode enable(true);
+  const at::Tensor leaf = logp_c.detach().requires_grad_(true);
+  return torch::autograd::grad({loss_of(leaf)}, {leaf})[0].contiguous();
+}
+
+/// Runs a loss over the chunks of plan: HiddenLossFunction when a gradient
+/// is wanted (it is computed in this pass), the forward alone otherwise.
+/// token_loss(positions, logp_c) is the chunk's sum of per-token losses
+/// (d / d logp_c = d l_t / d logp_t); finish(logp, entropy) gives the
+/// loss's value from the [N] per-token tensors.
+template <class TokenLoss, class Finish>
+at::Tensor run_hidden_loss(const HiddenPlan& plan, const at::Tensor& hidden,
+                           const at::Tensor& weight, const at::Tensor& mask,
+                           const LossOptions& loss_opts, TokenLoss&& token_loss, Finish&& finish) {
+  HiddenLossHooks hooks;
+  hooks.finish = finish;
+  const bool grad = torch::autograd::GradMode::is_enabled() &&
+                    (wants_grad(hidden) || wants_grad(weight) || wants_grad(plan.bias));
+  if (!grad) {
+    const HiddenTokenValues v = run_hidden_chunks(plan, at::Tensor(), [](auto&&...) {});
+    return finish(v.logp, v.entropy);
+  }
+  const at::Tensor scale = token_scales(plan.api, mask, loss_opts);
+  const double entropy_coeff = loss_opts.entropy_coeff;
+  hooks.token_grads = [&](const at::Tensor& positions, const at::Tensor& logp_c,
+                          const at::Tensor&) -> std::pair<at::Tensor, at::Tensor> {
+    const at::Tensor s = scale.index_select(0, positions);
+    const at::Tensor g = grad_of_token_sum(
+        logp_c, [&](const at::Tensor& leaf) { return token_loss(positions, leaf); });
+    const at::ScalarType acc = logp_c.scalar_type();
+    // The entropy bonus, -entropy_coeff x agg(entropy): d / d H_t = -coeff s_t.
+    at::Tensor ge;
+    if (entropy_coeff != 0.0) ge = (s * -entropy_coeff).to(acc);
+    return {(g.to(at::kDouble) * s).to(acc), ge};
+  };
+  return autograd::HiddenLossFunction::apply(hidden, weight, bias_argument(plan), &plan, &hooks)[0];
+}
+
+/// The logits options of a from-hidden loss (as loss_from_logits_options).
+inline HiddenOptions loss_hidden_options(const char* api, const at::Tensor& labels,
+                                         const at::Tensor& old_logp, const LossOptions& loss_opts,
+                                         const HiddenOptions& hidden_opts) {
+  HiddenOptions opts = hidden_opts;
+  static_cast<LogitsOptions&>(opts) =
+      loss_from_logits_options(api, labels, old_logp, loss_opts, hidden_opts);
+  return opts;
+}
+
+inline TokenLogprobs token_logprobs_from_hidden(const char* api, const at::Tensor& hidden,
+                                                const at::Tensor& weight, const at::Tensor& labels,
+                                                const HiddenOptions& opts) {
+  const HiddenPlan plan = hidden_plan(api, hidden, weight, labels, opts);
+  TokenLogprobs out;
+  out.backend = plan.backend;
+  if (torch::autograd::GradMode::is_enabled() &&
+      (wants_grad(hidden) || wants_grad(weight) || wants_grad(plan.bias))) {
+    const auto outs =
+        autograd::HiddenLogprobsFunction::apply(hidden, weight, bias_argument(plan), &plan);
+    out.logp = outs[0].view(labels.sizes());
+    out.entropy = outs[1].view(labels.sizes());
+  } else {
+    // The same chunks and GEMMs as the autograd path and the losses, so old
+    // and new log-probabilities of unchanged weights agree to the last bit.
+    const HiddenTokenValues v = run_hidden_chunks(plan, at::Tensor(), [](auto&&...) {});
+    out.logp = v.logp.view(labels.sizes());
+    out.entropy = v.entropy.view(labels.sizes());
+  }
+  return out;
+}
+
+inline LogitsLossResult clipped_loss_from_hidden(const char* api, const at::Tensor& hidden,
+                                                 const at::Tensor& weight, const at::Tensor& labels,
+                                                 const at::Tensor& old_logp,
+                                                 const at::Tensor& advantages,
+                                                 const LossOptions& loss_opts,
+                                                 const HiddenOptions& hidden_opts) {
+  const HiddenOptions opts = loss_hidden_options(api, labels, old_logp, loss_opts, hidden_opts);
+  const at::Tensor mask = labels != opts.ignore_index;
+  const auto old_for = [&](const at::Tensor& logp) {
+    return old_logp.defined() ? old_logp : logp.detach();
+  };
+  if (loss_opts.objective.ratio_level == RatioLevel::Sequence) {
+    // A sequence's ratio needs all its tokens before any gradient: the
+    // log-probabilities first, the loss on them, and backward recomputes
+    // each chunk's logits (one more logits GEMM than the fused pass).
+    const TokenLogprobs t = token_logprobs_from_hidden(api, hidden, weight, labels, opts);
+    return loss_from_token_logprobs(api, t, labels, old_for(t.logp), advantages, opts.ignore_index,
+                                    loss_opts);
+  }
+  // Every argument is checked before the pass (the per-token tensors with
+  // placeholder log-probabilities), and advantages come back expanded.
+  const at::ScalarType acc = logits_accumulate_type(hidden.scalar_type());
+  const at::Tensor placeholder = at::zeros(labels.sizes(), labels.options().dtype(acc));
+  const ClippedLossInputs checked = check_clipped_loss_inputs(
+      api, placeholder, old_logp.defined() ? old_logp : placeholder, advantages, mask, loss_opts);
+  const at::Tensor old_flat = old_logp.defined() ? checked.old_logp.reshape({-1}) : at::Tensor();
+  const at::Tensor adv_flat =
+      checked.advantages.defined() ? checked.advantages.reshape({-1}) : at::Tensor();
+  const LossOptions sum_opts = token_sum_options(loss_opts);
+
+  const HiddenPlan plan = hidden_plan(api, hidden, weight, labels, opts);
+  LogitsLossResult out;
+  const auto token_loss = [&](const at::Tensor& positions, const at::Tensor& logp_c) {
+    const at::Tensor old_c =
+        old_flat.defined() ? old_flat.index_select(0, positions) : logp_c.detach();
+    const at::Tensor adv_c =
+        adv_flat.defined() ? adv_flat.index_select(0, positions) : at::Tensor();
+    return run_clipped_loss(
+               check_clipped_loss_inputs(api, logp_c, old_c, adv_c, at::Tensor(), sum_opts),
+               sum_opts)
+        .loss;
+  };
+  const auto finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
+    TokenLogprobs t;
+    t.logp = logp.view(labels.sizes());
+    t.entropy = entropy.view(labels.sizes());
+    t.backend = plan.backend;
+    at::NoGradGuard no_grad;
+    out = loss_from_token_logprobs(api, t, labels, old_for(t.logp), advantages, opts.ignore_index,
+                                   loss_opts);
+    return out.loss;
+  };
+  out.loss = run_hidden_loss(plan, hidden, weight, mask, loss_opts, token_loss, finish);
+  return out;
+}
+
+}  // namespace detail
+
+/// log p of each label and the token entropy straight from the last hidden
+/// state: logits = hidden @ weight^T (+ opts.bias) a chunk at a time, each
+/// chunk through the fused logits kernel (token_logprobs' numbers for those
+/// logits). Differentiable wrt hidden, weight and bias (the entropy only
+/// with opts.entropy_grad); backward recomputes each chunk's logits. Under
+/// torch::NoGradGuard it is the old-policy pass: the from-hidden losses'
+/// forward gives bitwise identical logp for the same inputs and options.
+///
+/// \param hidden [B, T, H] or [N, H], float32/bfloat16/float16/float64, any
+///               strides (copied once if they cannot be viewed as [N, H]).
+/// \param weight [V, H] in hidden's dtype (torch::nn::Linear's layout; tied
+///               embeddings included).
+/// \param labels int64, hidden's shape without H (Note [Label shift]).
+/// \param opts   ignore_index, temperature, entropy_grad, check_inputs,
+///               backend, bias and chunk size (HiddenOptions).
+/// \throws c10::Error naming the argument on bad shapes, dtypes, devices,
+///         options or labels, and on a NaN or +inf logit at a scored token.
+inline TokenLogprobs token_logprobs_from_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& labels,
+                                                const HiddenOptions& opts = {}) {
+  return detail::token_logprobs_from_hidden("psft::token_logprobs_from_hidden", hidden, weight,
+                                            labels, opts);
+}
+
+/// The PSFT objective (as psft_loss_from_logits) straight from the last
+/// hidden state, with the LM head fused in: one pass over chunks of tokens
+/// computes each chunk's logits, its log-probabilities, entropy and
+/// gradient, and the gradients wrt hidden, weight and bias; backward only
+/// scales them. No [tokens, V] tensor is allocated.
+///
+/// The result's loss is the differentiable output; logp, entropy and
+/// entropy_mean are detached values (use token_logprobs_from_hidden for a
+/// loss of your own over them). old_logp may be an undefined tensor: the
+/// old policy is the current one (an on-policy mini-batch: r = 1 on every
+/// token), and the result's logp is then what the old-policy cache keeps.
+/// With LossOptions::objective.ratio_level = Sequence (GSPO) the gradient
+/// is computed in backward instead, which recomputes the logits once.
+///
+/// \param hidden, weight, labels as token_logprobs_from_hidden
+/// \param old_logp  labels' shape, or undefined (on-policy)
+/// \param loss_opts clipping, reduction, normaliser, objective, entropy_coeff
+/// \param hidden_opts as token_logprobs_from_hidden
+inline LogitsLossResult psft_loss_from_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                                              const at::Tensor& labels,
+                                              const at::Tensor& old_logp = at::Tensor(),
+                                              const LossOptions& loss_opts = {},
+                                              const HiddenOptions& hidden_opts = {}) {
+  return detail::clipped_loss_from_hidden("psft::psft_loss_from_hidden", hidden, weight, labels,
+                                          old_logp, at::Tensor(), loss_opts, hidden_opts);
+}
+
+/// The general clipped policy objective (as policy_loss_from_logits)
+/// straight from the last hidden state; otherwise as psft_loss_from_hidden.
+/// advantages: labels' shape, one per sequence ([B] or [B, 1]), or 0-d.
+inline LogitsLossResult policy_loss_from_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& labels,
+                                                const at::Tensor& old_logp,
+                                                const at::Tensor& advantages,
+                                                const LossOptions& loss_opts = {},
+                                                const HiddenOptions& hidden_opts = {}) {
+  TORCH_CHECK(advantages.defined(),
+              "psft::policy_loss_from_hidden: advantages is an undefined tensor (use "
+              "psft_loss_from_hidden for A = 1)");
+  return detail::clipped_loss_from_hidden("psft::policy_loss_from_hidden", hidden, weight, labels,
+                                          old_logp, advantages, loss_opts, hidden_opts);
+}
+
+/// sft_loss (Nll or Dft, with the entropy bonus of opts.entropy_coeff)
+/// straight from the last hidden state, fused as psft_loss_from_hidden:
+/// gradients in the one forward pass, no [tokens, V] tensor. The result's
+/// logp, entropy and entropy_mean are detached.
+inline SftLogitsLossResult sft_loss_from_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& labels,
+                                                SftVariant variant = SftVariant::Nll,
+                                                const LossOptions& opts = {},
+                                                const HiddenOptions& hidden_opts = {}) {
+  const char* api = "psft::sft_loss_from_hidden";
+  TORCH_CHECK(variant == SftVariant::Nll || variant == SftVariant::Dft, api,
+              ": variant must be SftVariant::Nll or SftVariant::Dft, got ",
+              static_cast<int>(variant));
+  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
+  const std::string options_error = core::loss_options_error(opts, static_cast<int>(labels.dim()));
+  TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+  HiddenOptions pass_opts = hidden_opts;
+  if (opts.entropy_coeff != 0.0) pass_opts.entropy_grad = true;
+  const detail::HiddenPlan plan = detail::hidden_plan(api, hidden, weight, labels, pass_opts);
+  const at::Tensor mask = labels != pass_opts.ignore_index;
+  const LossOptions sum_opts = detail::token_sum_options(opts);
+  SftLogitsLossResult out;
+  const auto token_loss = [&](const at::Tensor&, const at::Tensor& logp_c) {
+    return sft_loss(logp_c, at::Tensor(), variant, sum_opts).loss;
+  };
+  const auto finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
+    TokenLogprobs t;
+    t.logp = logp.view(labels.sizes());
+    t.entropy = entropy.view(labels.sizes());
+    t.backend = plan.backend;
+    at::NoGradGuard no_grad;
+    out =
+        detail::sft_loss_from_token_logprobs(api, t, labels, variant, opts, pass_opts.ignore_index);
+    return out.loss;
+  };
+  out.loss = detail::run_hidden_loss(plan, hidden, weight, mask, opts, token_loss, finish);
+  return out;
+}
+
+PSFT_NAMESPACE_END
