@@ -470,3 +470,53 @@ TEST_CASE("CUDA kernel: tokens past element 2^31", "[cuda][parity][large]") {
                         near_clip_bound(y.detach(), old.index_select(0, picked), Tensor(),
                                         cpu_opts)) <= grad_tolerance(at::kBFloat16));
 }
+
+TEST_CASE("CUDA from-hidden losses match the CPU: values and all three gradients",
+          "[cuda][hidden][sanitize]") {
+  if (!have_cuda()) return;
+  const at::ScalarType dtype = GENERATE(at::kDouble, at::kFloat, at::kBFloat16);
+  INFO("dtype " << dtype);
+  at::manual_seed(17);
+  const std::int64_t B = 3, T = 9, H = 16, V = 1001;
+  const Tensor hidden = at::randn({B, T, H}, at::kDouble).to(dtype);
+  const Tensor weight = (at::randn({V, H}, at::kDouble) * 0.5).to(dtype);
+  const Tensor bias = at::randn({V}, at::kDouble).to(dtype);
+  Tensor labels = at::randint(0, V, {B, T}, at::kLong);
+  labels.index_put_({0, 2}, -100);
+  labels.index_put_({2, 8}, -100);
+  struct Run {
+    Tensor loss, logp, g_hidden, g_weight, g_bias;
+  };
+  const auto run = [&](at::Device device) {
+    const Tensor h = hidden.to(device).requires_grad_(true);
+    const Tensor w = weight.to(device).requires_grad_(true);
+    const Tensor b = bias.to(device).requires_grad_(true);
+    const Tensor l = labels.to(device);
+    psft::HiddenOptions o;
+    o.bias = b;
+    o.chunk_tokens = 5;
+    Tensor old;
+    {
+      at::NoGradGuard no_grad;
+      old = psft::token_logprobs_from_hidden(h, w, l, o).logp - 0.1;
+    }
+    const psft::LogitsLossResult r = psft::psft_loss_from_hidden(h, w, l, old, {}, o);
+    r.loss.backward();
+    return Run{r.loss.cpu(), r.logp.cpu(), h.grad().cpu(), w.grad().cpu(), b.grad().cpu()};
+  };
+  poison_cuda_allocator();
+  const Run cpu = run(at::kCPU);
+  const Run gpu = run(at::kCUDA);
+  // Both GEMMs round to the dtype; cuBLAS and the CPU BLAS sum in different
+  // orders, so reduced precision gets the gradient tolerance of its dtype.
+  const double tol = dtype == at::kDouble ? 1e-12 : dtype == at::kFloat ? 1e-4 : 3e-2;
+  CHECK(max_rel_diff(gpu.loss, cpu.loss) <= tol);
+  CHECK(max_rel_diff(gpu.logp, cpu.logp) <= tol);
+  for (const auto& pair :
+       {std::make_pair(gpu.g_hidden, cpu.g_hidden), std::make_pair(gpu.g_weight, cpu.g_weight),
+        std::make_pair(gpu.g_bias, cpu.g_bias)}) {
+    CHECK(pair.first.scalar_type() == dtype);
+    CHECK_FALSE(pair.first.isnan().any().item<bool>());
+    CHECK(max_scaled_diff(pair.first, pair.second, grad_floor(dtype)) <= tol);
+  }
+}

@@ -521,6 +521,75 @@ void vp_error_case(Checker& check, int rank, int world, const AllReduce& all_red
   check.that(t.item<float>() == static_cast<float>(world), "vp error: group usable afterwards");
 }
 
+// The LM head sharded by rows: each rank multiplies by its [V_r, H] slice;
+// loss, metrics, logp, hidden's gradient and each slice's gradient against
+// policy_loss_from_hidden on the whole head.
+void vp_hidden_case(Checker& check, int rank, int world, const AllReduce& all_reduce,
+                    at::ScalarType dtype, bool on_policy, double tol) {
+  const std::string tag =
+      std::string("vp from hidden (") + c10::toString(dtype) + (on_policy ? ", on-policy)" : ")");
+  at::Generator gen = generator(9090);
+  const auto opt = at::TensorOptions().dtype(at::kDouble);
+  const std::int64_t B = 3, T = 5, H = 4;
+  const Tensor hidden = at::randn({B, T, H}, gen, opt).to(dtype);
+  const Tensor weight = at::randn({kVocab, H}, gen, opt).to(dtype);
+  const Tensor bias = at::randn({kVocab}, gen, opt).to(dtype);
+  Tensor labels = at::randint(0, kVocab, {B, T}, gen, opt.dtype(at::kLong));
+  labels =
+      at::where(at::rand({B, T}, gen, opt) < 0.25, at::full({}, -100, labels.options()), labels);
+  const Tensor adv = at::randn({B}, gen, opt);
+  Tensor old_logp;
+  if (!on_policy) old_logp = 0.3 * at::randn({B, T}, gen, opt.dtype(at::kFloat)) - 2.4;
+  psft::LossOptions loss_opts;
+  loss_opts.reduction = psft::Reduction::SeqMeanTokenMean;
+  loss_opts.entropy_coeff = 0.02;
+  psft::HiddenOptions ho;
+  ho.chunk_tokens = 4;
+
+  const Tensor h_ref = hidden.clone().requires_grad_(true);
+  const Tensor w_ref = weight.clone().requires_grad_(true);
+  ho.bias = bias.clone().requires_grad_(true);
+  const psft::LogitsLossResult ref =
+      psft::policy_loss_from_hidden(h_ref, w_ref, labels, old_logp, adv, loss_opts, ho);
+  ref.loss.backward();
+  const Tensor b_ref_grad = ho.bias.grad();
+
+  const auto shard = psft::distributed::VocabShard::even(kVocab, rank, world);
+  const std::int64_t width = shard.end - shard.begin;
+  const Tensor h = hidden.clone().requires_grad_(true);
+  const Tensor w = weight.narrow(0, shard.begin, width).clone().requires_grad_(true);
+  ho.bias = bias.narrow(0, shard.begin, width).clone().requires_grad_(true);
+  const psft::LogitsLossResult r = psft::distributed::vocab_parallel_policy_loss_from_hidden(
+      h, w, labels, old_logp, adv, shard, all_reduce, loss_opts, ho);
+  r.loss.backward();
+  check.close(tag + " loss", r.loss, ref.loss, tol);
+  check.close(tag + " metrics", r.metrics.packed(), ref.metrics.packed(), tol);
+  check.close(tag + " logp", r.logp, ref.logp, tol);
+  check.close(tag + " entropy", r.entropy, ref.entropy, tol);
+  check.close(tag + " gradient of hidden", h.grad(), h_ref.grad(), tol);
+  check.close(tag + " gradient of the weight rows", w.grad(),
+              w_ref.grad().narrow(0, shard.begin, width), tol);
+  check.close(tag + " gradient of the bias rows", ho.bias.grad(),
+              b_ref_grad.narrow(0, shard.begin, width), tol);
+
+  // A weight slice of the wrong width on one rank: every rank raises.
+  std::string message;
+  try {
+    const Tensor bad = rank == 0 ? weight : w;
+    psft::HiddenOptions plain;
+    psft::distributed::vocab_parallel_psft_loss_from_hidden(hidden, bad, labels, old_logp, shard,
+                                                            all_reduce, {}, plain);
+  } catch (const c10::Error& e) {
+    message = e.what();
+  }
+  const std::string expected =
+      rank == 0 && world > 1 ? "weight must be this rank's rows" : "another rank";
+  if (world > 1) {
+    check.that(message.find(expected) != std::string::npos,
+               tag + ": expected an error containing '" + expected + "', got '" + message + "'");
+  }
+}
+
 void vp_scenario(Checker& check, int rank, int world, const AllReduce& all_reduce) {
   const VpCase cases[] = {
       {at::kDouble, 3.0, 1.0, psft::Backend::FusedCpu, 1e-12},
@@ -535,6 +604,8 @@ void vp_scenario(Checker& check, int rank, int world, const AllReduce& all_reduc
   vp_case(check, rank, world, all_reduce, cases[2], 0, false);
   vp_policy_case(check, rank, world, all_reduce);
   vp_error_case(check, rank, world, all_reduce);
+  vp_hidden_case(check, rank, world, all_reduce, at::kDouble, false, 1e-12);
+  vp_hidden_case(check, rank, world, all_reduce, at::kFloat, true, 2e-5);
 }
 
 // Every scenario in one run, in the same order on every rank.

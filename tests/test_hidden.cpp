@@ -586,7 +586,7 @@ TEST_CASE("bad inputs raise c10::Error naming the argument", "[hidden][errors]")
   fails(p.hidden, p.weight, torch::full({2, 4}, 11, torch::kLong), o, "labels must be in [0, 11)");
   psft::HiddenOptions bad = o;
   bad.bias = torch::randn({10});
-  fails(p.hidden, p.weight, p.labels, bad, "bias must have shape [V] = [11]");
+  fails(p.hidden, p.weight, p.labels, bad, "bias must have weight's rows, [11]");
   bad = o;
   bad.bias = torch::randn({11}, torch::kDouble);
   fails(p.hidden, p.weight, p.labels, bad, "bias is Double but weight is Float");

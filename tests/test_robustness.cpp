@@ -819,6 +819,130 @@ TEST_CASE("fuzz: sft_loss_from_logits", "[fuzz][fuzz_sft_loss_from_logits]") {
   WARN("sft_loss_from_logits: " << n << " cases");
 }
 
+/// token_logprobs_from_hidden, psft_loss_from_hidden / policy_loss_from_hidden
+/// and sft_loss_from_hidden on random shapes, dtypes, layouts, chunk sizes,
+/// labels and poisoned inputs: a c10::Error naming an argument, or logp
+/// within the dtype's tolerance of log_softmax in double of the logits
+/// hidden @ weight^T (+ bias) as ATen's GEMM rounds them.
+void fuzz_hidden(Gen& g) {
+  const int entry = g.pick(3);
+  const bool three_d = g.chance(0.5);
+  const std::int64_t b = g.pick(3), t = g.pick(5), h = 1 + g.pick(6);
+  const std::int64_t v = g.chance(0.03) ? 0 : 1 + g.pick(30);
+  const std::vector<std::int64_t> label_sizes =
+      three_d ? std::vector<std::int64_t>{b, t} : std::vector<std::int64_t>{b * t};
+  std::vector<std::int64_t> hidden_sizes = label_sizes;
+  hidden_sizes.push_back(h);
+  const torch::ScalarType dt = g.float_dtype();
+  Tensor hidden = (torch::randn(hidden_sizes, torch::kDouble) * g.uniform(0.1, 3)).to(dt);
+  if (hidden.numel() > 0 && g.chance(0.1)) {
+    const double p[] = {kNaN, kInf, -kInf};
+    hidden.view({-1})[g.pick(static_cast<int>(hidden.numel()))] = p[g.pick(3)];
+  }
+  if (g.chance(0.3)) hidden = g.layout(hidden);
+  const torch::ScalarType weight_dt = g.chance(0.05) ? g.float_dtype() : dt;
+  Tensor weight = torch::randn({v, h}, torch::kDouble).to(weight_dt);
+  if (g.chance(0.2)) weight = weight.t().contiguous().t();  // column-major [V, H]
+  psft::HiddenOptions ho;
+  if (g.chance(0.5)) ho.bias = torch::randn({g.chance(0.05) ? v + 1 : v}, torch::kDouble).to(dt);
+  Tensor labels = torch::randint(0, std::max<std::int64_t>(v, 1), label_sizes, torch::kLong);
+  labels =
+      torch::where(torch::rand(label_sizes) < 0.3, torch::full({}, -100, torch::kLong), labels);
+  if (labels.numel() > 0 && g.chance(0.1)) {
+    const std::int64_t bad[] = {-1, v, std::int64_t(1) << 40};
+    labels.view({-1})[g.pick(static_cast<int>(labels.numel()))] = bad[g.pick(3)];
+  }
+  ho.temperature = g.chance(0.03) ? 0.0 : g.uniform(0.5, 2);
+  ho.check_inputs = g.chance(0.85);
+  ho.chunk_tokens = g.chance(0.03) ? -1 : g.pick(8);
+  if (g.chance(0.3)) ho.chunk_bytes = 1 + g.pick(400);
+  const psft::Backend backends[] = {psft::Backend::Auto, psft::Backend::FusedCpu,
+                                    psft::Backend::Composed};
+  ho.backend = backends[g.pick(3)];
+  hidden = hidden.detach().requires_grad_(g.chance(0.8));
+  weight = weight.detach().requires_grad_(g.chance(0.7));
+  psft::LossOptions o;
+  if (g.chance(0.3)) o.entropy_coeff = 0.01;
+  const Tensor old_logp = g.chance(0.2) ? Tensor() : torch::randn(label_sizes) - 2.0;
+
+  std::string error;
+  Tensor logp;
+  try {
+    Tensor loss;
+    if (entry == 0) {
+      const psft::TokenLogprobs tl = psft::token_logprobs_from_hidden(hidden, weight, labels, ho);
+      logp = tl.logp;
+      loss = tl.logp.sum();
+    } else if (entry == 1) {
+      const psft::LogitsLossResult r =
+          g.chance(0.5) ? psft::psft_loss_from_hidden(hidden, weight, labels, old_logp, o, ho)
+                        : psft::policy_loss_from_hidden(
+                              hidden, weight, labels, old_logp,
+                              torch::randn({three_d ? b : b * t}, torch::kDouble), o, ho);
+      logp = r.logp;
+      loss = r.loss;
+    } else {
+      const psft::SftLogitsLossResult r =
+          psft::sft_loss_from_hidden(hidden, weight, labels, psft::SftVariant::Dft, o, ho);
+      logp = r.logp;
+      loss = r.loss;
+    }
+    if (loss.requires_grad()) {
+      loss.backward();
+      if (hidden.grad().defined()) CHECK(hidden.grad().sizes() == hidden.sizes());
+    }
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  }
+  INFO("entry " << entry << ", dtype " << dt << ", hidden " << hidden.sizes() << ", V " << v
+                << ", error: " << error);
+  const bool shapes_ok = weight_dt == dt && v >= 1 &&
+                         (!ho.bias.defined() || ho.bias.size(0) == v) && ho.chunk_tokens >= 0 &&
+                         psft::core::logits_options_error(ho).empty();
+  if (!shapes_ok) {
+    CHECK(names_an_argument(error, {"weight", "bias", "chunk_tokens", "temperature"}));
+    return;
+  }
+  const Tensor scored = (labels != -100).reshape({-1});
+  const bool labels_ok =
+      (scored.logical_not() | ((labels >= 0) & (labels < v)).reshape({-1})).all().item<bool>();
+  // The logits as the GEMM in the inputs' dtype gives them, then double.
+  Tensor z = hidden.detach().reshape({-1, h}).matmul(weight.detach().t());
+  if (ho.bias.defined()) z = z + ho.bias;
+  z = z.to(torch::kDouble) / ho.temperature;
+  const Tensor z_scored = z.index_select(0, scored.nonzero().reshape({-1}));
+  const bool rows_ok =
+      z_scored.numel() == 0 || (!(z_scored.isnan() | z_scored.eq(kInf)).any().item<bool>() &&
+                                !z_scored.eq(-kInf).all(1).any().item<bool>());
+  const Tensor logq = torch::log_softmax(z, 1);
+  const Tensor want = torch::where(
+      scored, logq.gather(1, labels.reshape({-1}).clamp(0, v - 1).unsqueeze(1)).squeeze(1),
+      torch::zeros({}, torch::kDouble));
+  const bool logp_finite = want.isfinite().all().item<bool>();
+  const bool must_succeed = (!ho.check_inputs || (labels_ok && rows_ok)) &&
+                            (entry == 0 || (labels_ok && rows_ok && logp_finite));
+  if (!error.empty()) {
+    CHECK(names_an_argument(error, {"hidden", "weight", "labels", "logits", "logp", "old_logp"}));
+    CHECK_FALSE(must_succeed);
+    return;
+  }
+  if (!labels_ok || !rows_ok || !logp_finite) return;  // unchecked bad input: no crash
+  // GEMMs in reduced precision round the logits at 2^-8 (bf16) or 2^-11
+  // (fp16) of their size; the chunked and the whole GEMM may round apart.
+  const double zmax = z_scored.numel() ? z_scored.abs().max().item<double>() : 0.0;
+  const double tol = dt == torch::kDouble  ? 1e-10
+                     : dt == torch::kFloat ? 1e-4 * (1 + zmax)
+                     : dt == torch::kHalf  ? 4e-3 * (1 + zmax)
+                                           : 3e-2 * (1 + zmax);
+  CHECK(torch::allclose(logp.detach().to(torch::kDouble).reshape({-1}), want, 0, tol));
+}
+
+TEST_CASE("fuzz: token_logprobs_from_hidden and the from-hidden losses",
+          "[fuzz][fuzz_from_hidden]") {
+  const std::int64_t n = fuzz_for_budget([](Gen& g) { fuzz_hidden(g); });
+  WARN("from-hidden: " << n << " cases");
+}
+
 TEST_CASE("fuzz: metrics, normaliser, mask and label helpers", "[fuzz][fuzz_helpers]") {
   const std::int64_t n = fuzz_for_budget([](Gen& g) {
     const std::int64_t b = g.pick(4), t = g.pick(6);

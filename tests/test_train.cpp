@@ -321,6 +321,70 @@ TEST_CASE("Recompute: mini-batch 0 has ratio exactly 1, later ones read the glob
   }
 }
 
+TEST_CASE("Recompute with the fused losses: mini-batch 0's old log-probs come from the loss itself",
+          "[train][old_policy][fused]") {
+  for (const bool from_hidden : {false, true}) {
+    DYNAMIC_SECTION((from_hidden ? "psft_loss_from_hidden" : "psft_loss_from_logits")) {
+      torch::manual_seed(5);
+      TinyLM net(kVocab, kDim, torch::kFloat);
+      torch::optim::AdamW optimizer(net->parameters(), torch::optim::AdamWOptions(1e-1));
+      const auto hidden_of = [](TinyLM& n, const Tensor& ids) {
+        n->observed.push_back(n->is_training());
+        return torch::tanh(n->hidden(n->embedding(ids)));
+      };
+      const auto head_options = [](TinyLM& n) {
+        psft::HiddenOptions h;
+        h.bias = n->head->bias;
+        h.chunk_tokens = 5;
+        return h;
+      };
+      // The scorer and the loss take the same path, so that mini-batch 0's
+      // cached old log-probs equal what a no-grad pass would have given.
+      const auto scorer = [&](TinyLM& n, const psft::TokenBatch& b) {
+        return from_hidden
+                   ? psft::token_logprobs_from_hidden(hidden_of(n, b.input_ids), n->head->weight,
+                                                      b.labels, head_options(n))
+                   : score(n, b);
+      };
+      psft::OldPolicy<TinyLM> old(net, psft::OldPolicyOptions{}, scorer);
+      const auto batches = make_global_batch(3, Run::kMiniBatches);
+      std::vector<Tensor> initial;
+      {
+        torch::NoGradGuard no_grad;
+        for (const auto& mb : batches) initial.push_back(scorer(net, mb).logp.clone());
+      }
+      const std::size_t passes_before = net->observed.size();
+      old.begin_global_batch(batches);
+      CHECK(net->observed.size() - passes_before == 3u);  // mini-batch 0 deferred
+      for (int epoch = 0; epoch < 2; ++epoch) {
+        for (std::int64_t i = 0; i < Run::kMiniBatches; ++i) {
+          const auto& mb = batches[static_cast<std::size_t>(i)];
+          const Tensor old_logp = old.fused_old_logp(i, mb);
+          CHECK(old_logp.defined() == (epoch > 0 || i > 0));
+          const psft::LogitsLossResult r =
+              from_hidden
+                  ? psft::psft_loss_from_hidden(hidden_of(net, mb.input_ids), net->head->weight,
+                                                mb.labels, old_logp, {}, head_options(net))
+                  : psft::psft_loss_from_logits(net->forward(mb.input_ids), mb.labels, old_logp);
+          if (!old_logp.defined()) {
+            CHECK(r.metrics.ratio_min.item<double>() == 1.0);
+            CHECK(r.metrics.ratio_max.item<double>() == 1.0);
+            old.keep_current(i, mb, {r.logp, r.entropy});
+          }
+          // Bit for bit what the no-grad pass at the global batch's start gave.
+          CHECK(bitwise_equal(old.old_logp(i, mb), initial[static_cast<std::size_t>(i)]));
+          optimizer.zero_grad();
+          r.loss.backward();
+          optimizer.step();
+          old.after_optimizer_step();
+        }
+      }
+      // No no-grad pass beyond begin_global_batch's three.
+      CHECK(net->observed.size() - passes_before == 3u + 2u * Run::kMiniBatches);
+    }
+  }
+}
+
 TEST_CASE("Recompute: the no-grad passes run in eval mode and restore the module's mode",
           "[train][old_policy]") {
   for (const bool eval : {true, false}) {

@@ -56,8 +56,12 @@ namespace detail {
 /// Checks hidden, weight, bias, labels and the options, and returns the
 /// chunk schedule of a pass over them (Note [From hidden, chunked]). One
 /// host read of the labels (free on the CPU): which tokens are scored.
+/// vocab is the vocabulary's size when weight holds a slice of it (a sharded
+/// head: labels are global ids, and the chunk size follows the whole
+/// vocabulary so that every rank's schedule is the same); 0: weight.size(0).
 inline HiddenPlan hidden_plan(const char* api, const at::Tensor& hidden, const at::Tensor& weight,
-                              const at::Tensor& labels, const HiddenOptions& opts) {
+                              const at::Tensor& labels, const HiddenOptions& opts,
+                              std::int64_t vocab = 0) {
   check_float_tensor(api, "hidden", hidden);
   TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, api,
               ": hidden must have shape [B, T, H] or [N, H], got ", hidden.sizes());
@@ -71,11 +75,12 @@ inline HiddenPlan hidden_plan(const char* api, const at::Tensor& hidden, const a
               "; the LM head's GEMM runs in one dtype");
   TORCH_CHECK(weight.device() == hidden.device(), api, ": weight is on ", weight.device(),
               " but hidden is on ", hidden.device());
-  const std::int64_t vocab = weight.size(0);
+  const std::int64_t rows = weight.size(0);
+  if (vocab == 0) vocab = rows;
   if (opts.bias.defined()) {
     check_float_tensor(api, "bias", opts.bias);
-    TORCH_CHECK(opts.bias.dim() == 1 && opts.bias.size(0) == vocab, api,
-                ": bias must have shape [V] = [", vocab, "], got ", opts.bias.sizes());
+    TORCH_CHECK(opts.bias.dim() == 1 && opts.bias.size(0) == rows, api,
+                ": bias must have weight's rows, [", rows, "], got ", opts.bias.sizes());
     TORCH_CHECK(opts.bias.scalar_type() == weight.scalar_type(), api, ": bias is ",
                 opts.bias.scalar_type(), " but weight is ", weight.scalar_type());
     TORCH_CHECK(opts.bias.device() == weight.device(), api, ": bias is on ", opts.bias.device(),
@@ -232,60 +237,90 @@ inline TokenLogprobs token_logprobs_from_hidden(const char* api, const at::Tenso
   return out;
 }
 
-inline LogitsLossResult clipped_loss_from_hidden(const char* api, const at::Tensor& hidden,
-                                                 const at::Tensor& weight, const at::Tensor& labels,
-                                                 const at::Tensor& old_logp,
-                                                 const at::Tensor& advantages,
-                                                 const LossOptions& loss_opts,
-                                                 const HiddenOptions& hidden_opts) {
-  const HiddenOptions opts = loss_hidden_options(api, labels, old_logp, loss_opts, hidden_opts);
-  const at::Tensor mask = labels != opts.ignore_index;
-  const auto old_for = [&](const at::Tensor& logp) {
-    return old_logp.defined() ? old_logp : logp.detach();
-  };
-  if (loss_opts.objective.ratio_level == RatioLevel::Sequence) {
-    // A sequence's ratio needs all its tokens before any gradient: the
-    // log-probabilities first, the loss on them, and backward recomputes
-    // each chunk's logits (one more logits GEMM than the fused pass).
-    const TokenLogprobs t = token_logprobs_from_hidden(api, hidden, weight, labels, opts);
-    return loss_from_token_logprobs(api, t, labels, old_for(t.logp), advantages, opts.ignore_index,
-                                    loss_opts);
-  }
-  // Every argument is checked before the pass (the per-token tensors with
-  // placeholder log-probabilities), and advantages come back expanded.
+/// A from-hidden clipped loss, checked and ready to run.
+struct ClippedHiddenLoss {
+  const char* api = "psft::psft_loss_from_hidden";  ///< prefix of error messages
+  HiddenOptions opts;    ///< the pass's options (entropy_grad, backend resolved)
+  HiddenPlan plan;       ///< the chunk schedule
+  at::Tensor mask;       ///< labels != ignore_index
+  at::Tensor old_flat;   ///< [N] old_logp, undefined on-policy
+  at::Tensor adv_flat;   ///< [N] advantages expanded, undefined for A = 1
+  LossOptions sum_opts;  ///< the per-chunk token sums' options
+};
+
+/// Every check of a from-hidden clipped loss, before any pass: the per-token
+/// arguments with placeholder log-probabilities, then the plan. vocab as
+/// hidden_plan's.
+inline ClippedHiddenLoss check_clipped_hidden_loss(
+    const char* api, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& old_logp, const at::Tensor& advantages, const LossOptions& loss_opts,
+    const HiddenOptions& hidden_opts, std::int64_t vocab = 0) {
+  ClippedHiddenLoss c;
+  c.api = api;
+  c.opts = loss_hidden_options(api, labels, old_logp, loss_opts, hidden_opts);
+  c.mask = labels != c.opts.ignore_index;
+  check_float_tensor(api, "hidden", hidden);
   const at::ScalarType acc = logits_accumulate_type(hidden.scalar_type());
   const at::Tensor placeholder = at::zeros(labels.sizes(), labels.options().dtype(acc));
   const ClippedLossInputs checked = check_clipped_loss_inputs(
-      api, placeholder, old_logp.defined() ? old_logp : placeholder, advantages, mask, loss_opts);
-  const at::Tensor old_flat = old_logp.defined() ? checked.old_logp.reshape({-1}) : at::Tensor();
-  const at::Tensor adv_flat =
-      checked.advantages.defined() ? checked.advantages.reshape({-1}) : at::Tensor();
-  const LossOptions sum_opts = token_sum_options(loss_opts);
+      api, placeholder, old_logp.defined() ? old_logp : placeholder, advantages, c.mask, loss_opts);
+  if (old_logp.defined()) c.old_flat = checked.old_logp.reshape({-1});
+  if (checked.advantages.defined()) c.adv_flat = checked.advantages.reshape({-1});
+  c.sum_opts = token_sum_options(loss_opts);
+  c.plan = hidden_plan(api, hidden, weight, labels, c.opts, vocab);
+  return c;
+}
 
-  const HiddenPlan plan = hidden_plan(api, hidden, weight, labels, opts);
+/// Runs a checked from-hidden clipped loss: the one fused pass.
+inline LogitsLossResult run_clipped_hidden_loss(const ClippedHiddenLoss& c,
+                                                const at::Tensor& hidden, const at::Tensor& weight,
+                                                const at::Tensor& labels,
+                                                const at::Tensor& old_logp,
+                                                const at::Tensor& advantages,
+                                                const LossOptions& loss_opts) {
   LogitsLossResult out;
   const auto token_loss = [&](const at::Tensor& positions, const at::Tensor& logp_c) {
     const at::Tensor old_c =
-        old_flat.defined() ? old_flat.index_select(0, positions) : logp_c.detach();
+        c.old_flat.defined() ? c.old_flat.index_select(0, positions) : logp_c.detach();
     const at::Tensor adv_c =
-        adv_flat.defined() ? adv_flat.index_select(0, positions) : at::Tensor();
+        c.adv_flat.defined() ? c.adv_flat.index_select(0, positions) : at::Tensor();
     return run_clipped_loss(
-               check_clipped_loss_inputs(api, logp_c, old_c, adv_c, at::Tensor(), sum_opts),
-               sum_opts)
+               check_clipped_loss_inputs(c.api, logp_c, old_c, adv_c, at::Tensor(), c.sum_opts),
+               c.sum_opts)
         .loss;
   };
   const auto finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
     TokenLogprobs t;
     t.logp = logp.view(labels.sizes());
     t.entropy = entropy.view(labels.sizes());
-    t.backend = plan.backend;
+    t.backend = c.plan.backend;
     at::NoGradGuard no_grad;
-    out = loss_from_token_logprobs(api, t, labels, old_for(t.logp), advantages, opts.ignore_index,
+    out = loss_from_token_logprobs(c.api, t, labels, old_logp, advantages, c.opts.ignore_index,
                                    loss_opts);
     return out.loss;
   };
-  out.loss = run_hidden_loss(plan, hidden, weight, mask, loss_opts, token_loss, finish);
+  out.loss = run_hidden_loss(c.plan, hidden, weight, c.mask, loss_opts, token_loss, finish);
   return out;
+}
+
+inline LogitsLossResult clipped_loss_from_hidden(const char* api, const at::Tensor& hidden,
+                                                 const at::Tensor& weight, const at::Tensor& labels,
+                                                 const at::Tensor& old_logp,
+                                                 const at::Tensor& advantages,
+                                                 const LossOptions& loss_opts,
+                                                 const HiddenOptions& hidden_opts) {
+  if (loss_opts.objective.ratio_level == RatioLevel::Sequence) {
+    // A sequence's ratio needs all its tokens before any gradient: the
+    // log-probabilities first, the loss on them, and backward recomputes
+    // each chunk's logits (one more logits GEMM than the fused pass).
+    const HiddenOptions opts = loss_hidden_options(api, labels, old_logp, loss_opts, hidden_opts);
+    const TokenLogprobs t = token_logprobs_from_hidden(api, hidden, weight, labels, opts);
+    return loss_from_token_logprobs(api, t, labels, old_logp, advantages, opts.ignore_index,
+                                    loss_opts);
+  }
+  const ClippedHiddenLoss c = check_clipped_hidden_loss(api, hidden, weight, labels, old_logp,
+                                                        advantages, loss_opts, hidden_opts);
+  return run_clipped_hidden_loss(c, hidden, weight, labels, old_logp, advantages, loss_opts);
 }
 
 }  // namespace detail

@@ -43,6 +43,26 @@ PSFT_NAMESPACE_BEGIN
 
 namespace detail {
 
+/// A per-row logits pass other than the fused kernels of the plan's
+/// backend: the vocabulary-parallel one (psft/distributed/vocab_parallel.hpp),
+/// whose every chunk communicates. Only HiddenLossFunction and the no-grad
+/// pass run one (HiddenLogprobsFunction's backward could not reach it).
+struct RowPass {
+  virtual ~RowPass() = default;
+  /// Fills logp and entropy ([len]) and stats ([len, 3]) from a chunk's
+  /// logits [len, V'] and labels [len].
+  virtual void forward(const char* api, const at::Tensor& logits, const at::Tensor& labels,
+                       const at::Tensor& logp, const at::Tensor& entropy,
+                       const at::Tensor& stats) const = 0;
+  /// The chunk's dlogits from the gradients of its logp and entropy.
+  virtual at::Tensor backward(const at::Tensor& logits, const at::Tensor& labels,
+                              const at::Tensor& stats, const at::Tensor& grad_logp,
+                              const at::Tensor& grad_entropy) const = 0;
+  /// Completes hidden's [N, H] gradient after the last chunk (a sharded
+  /// head sums the ranks' parts).
+  virtual void finish_grad_hidden(at::Tensor& grad_hidden) const = 0;
+};
+
 /// The chunk schedule of a from-hidden pass over validated inputs.
 struct HiddenPlan {
   at::Tensor hidden;        ///< [N, H] (a view of the caller's tensor where possible)
@@ -56,6 +76,7 @@ struct HiddenPlan {
   LogitsOptions opts;       ///< the per-row kernel's options
   Backend backend = Backend::Auto;                       ///< resolved: the per-row kernel's backend
   const char* api = "psft::token_logprobs_from_hidden";  ///< prefix of error messages
+  const RowPass* rows = nullptr;  ///< the per-row pass; null: the fused kernels of backend
 
   /// The flat token indices of rows [start, start + len) of the schedule.
   at::Tensor chunk_positions(std::int64_t start, std::int64_t len) const {
@@ -182,8 +203,12 @@ HiddenTokenValues run_hidden_chunks(const HiddenPlan& plan, const at::Tensor& st
     const at::Tensor entropy_c = at::empty({len}, acc_opts);
     const at::Tensor stats_c = stats.defined() ? stats.narrow(0, start, len) : at::Tensor();
     const std::string api = plan.chunk_api(start);
-    run_token_logprobs_forward(api.c_str(), logits_c, labels_c, plan.opts, plan.backend, logp_c,
-                               entropy_c, stats_c);
+    if (plan.rows) {
+      plan.rows->forward(api.c_str(), logits_c, labels_c, logp_c, entropy_c, stats_c);
+    } else {
+      run_token_logprobs_forward(api.c_str(), logits_c, labels_c, plan.opts, plan.backend, logp_c,
+                                 entropy_c, stats_c);
+    }
     plan.scatter(out.logp, start, logp_c);
     plan.scatter(out.entropy, start, entropy_c);
     on_chunk(start, hidden_c, logits_c, labels_c, logp_c, entropy_c, stats_c);
@@ -226,6 +251,7 @@ class HiddenLogprobsFunction : public torch::autograd::Function<HiddenLogprobsFu
                                                 const at::Tensor& hidden, const at::Tensor& weight,
                                                 const at::Tensor& bias,
                                                 const detail::HiddenPlan* plan) {
+    TORCH_INTERNAL_ASSERT(!plan->rows, "a RowPass has no recomputing backward");
     const at::ScalarType acc = detail::logits_accumulate_type(hidden.scalar_type());
     const at::Tensor stats = at::empty({plan->scored, 3}, plan->labels.options().dtype(acc));
     const detail::HiddenTokenValues v = detail::run_hidden_chunks(*plan, stats, [](auto&&...) {});
@@ -319,11 +345,15 @@ class HiddenLossFunction : public torch::autograd::Function<HiddenLossFunction> 
             const at::Tensor& stats_c) {
           const std::pair<at::Tensor, at::Tensor> token =
               hooks->token_grads(plan->chunk_positions(start, logp_c.size(0)), logp_c, entropy_c);
-          const at::Tensor grad_logits = detail::run_token_logprobs_backward(
-              logits_c, labels_c, stats_c, token.first, token.second, plan->opts, plan->backend);
+          const at::Tensor grad_logits =
+              plan->rows
+                  ? plan->rows->backward(logits_c, labels_c, stats_c, token.first, token.second)
+                  : detail::run_token_logprobs_backward(logits_c, labels_c, stats_c, token.first,
+                                                        token.second, plan->opts, plan->backend);
           g.add(*plan, start, hidden_c, grad_logits);
         });
     g.finish(*plan);
+    if (plan->rows && g.hidden.defined()) plan->rows->finish_grad_hidden(g.hidden);
     const at::Tensor loss = hooks->finish(hooks->values.logp, hooks->values.entropy);
     ctx->saved_data["grad_hidden"] = g.hidden.defined() ? g.hidden.view(hidden.sizes()) : g.hidden;
     ctx->saved_data["grad_weight"] = g.weight;

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <utility>
 
 #include "psft/autograd/token_logprobs_function.hpp"
 #include "psft/backend.hpp"
@@ -37,6 +38,7 @@
 #include "psft/detail/checks.hpp"
 #include "psft/distributed/communicator.hpp"
 #include "psft/entropy.hpp"
+#include "psft/hidden.hpp"
 #include "psft/logits.hpp"
 #include "psft/policy_loss.hpp"
 
@@ -229,22 +231,75 @@ inline VocabParallelForward vocab_parallel_forward(const char* api, const at::Te
   return out;
 }
 
-/// The logits kernels' backward (as autograd::TokenLogprobsFunction's).
-inline at::Tensor run_token_logprobs_backward(const at::Tensor& logits, const at::Tensor& labels,
-                                              const at::Tensor& stats, const at::Tensor& grad_logp,
-                                              const at::Tensor& grad_entropy,
-                                              const LogitsOptions& opts, Backend backend) {
-  const at::Tensor readable = ::psft::detail::vocab_contiguous(logits);
-  if (backend == Backend::FusedCpu) {
-    return cpu::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
-  }
-#if defined(PSFT_WITH_CUDA_KERNELS)
-  if (backend == Backend::FusedCuda) {
-    return cuda::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
-  }
-#endif
-  return composed::token_logprobs_backward(readable, labels, stats, grad_logp, grad_entropy, opts);
+/// The gradient of this rank's logits slice (no communication): the logits
+/// kernels' backward with the local labels, then, on rows whose label
+/// another rank owns, entry 0 recomputed without the one-hot term the
+/// kernel added there (Note [Vocabulary-parallel softmax]).
+inline at::Tensor vocab_parallel_backward(const at::Tensor& logits, const at::Tensor& labels,
+                                          const at::Tensor& not_owned, const at::Tensor& stats,
+                                          const at::Tensor& grad_logp,
+                                          const at::Tensor& grad_entropy, const LogitsOptions& opts,
+                                          Backend backend) {
+  at::Tensor grad_logits =
+      ::psft::detail::run_token_logprobs_backward(::psft::detail::vocab_contiguous(logits), labels,
+                                                  stats, grad_logp, grad_entropy, opts, backend);
+  // Entry 0 of the rows another rank owns, with core::token_logprob_grad's
+  // formula p (c0 + c1 y).
+  const at::ScalarType acc = stats.scalar_type();
+  const double cutoff = composed::softmax_cutoff_for(acc);
+  const double inv_temperature = composed::inv_temperature_for(acc, opts.temperature);
+  const std::int64_t vocab = logits.size(-1);
+  const at::Tensor zero_rows = at::zeros({labels.numel()}, stats.options());
+  const at::Tensor g = grad_logp.defined() ? grad_logp : zero_rows;
+  const at::Tensor h = grad_entropy.defined() ? grad_entropy : zero_rows;
+  const at::Tensor z =
+      composed::scaled_logits(logits.detach().select(-1, 0).reshape({-1}), acc, opts);
+  const at::Tensor y = z - stats.select(1, 0);
+  const at::Tensor t = y - stats.select(1, 1);
+  const at::Tensor p = t.clamp_min(cutoff).exp().mul_(t >= cutoff);
+  const at::Tensor c0 = (g - h * stats.select(1, 2)) * -inv_temperature;
+  const at::Tensor c1 = h * -inv_temperature;
+  const at::Tensor entry =
+      at::where(p > 0, p * (c0 + c1 * y.clamp_min(cutoff)), at::zeros({}, stats.options()));
+  at::Tensor first = grad_logits.view({-1, vocab}).select(1, 0);
+  first.copy_(at::where(not_owned, entry.to(grad_logits.scalar_type()), first));
+  return grad_logits;
 }
+
+/// The vocabulary-parallel logits pass as a from-hidden loss's per-row pass:
+/// each chunk's forward is vocab_parallel_forward (two all-reduces), its
+/// backward vocab_parallel_backward, and hidden's gradient is summed over
+/// the ranks once, after the last chunk.
+struct VocabParallelRows : ::psft::detail::RowPass {
+  VocabShard shard;      ///< this rank's slice
+  AllReduce all_reduce;  ///< over the vocabulary-parallel group
+  LogitsOptions opts;    ///< the per-row options
+  Backend backend;       ///< the per-row kernels' backend
+  /// The last chunk's forward, which its backward reads.
+  mutable VocabParallelForward last;
+
+  VocabParallelRows(const VocabShard& s, AllReduce r, const LogitsOptions& o, Backend b)
+      : shard(s), all_reduce(std::move(r)), opts(o), backend(b) {}
+
+  void forward(const char* api, const at::Tensor& logits, const at::Tensor& labels,
+               const at::Tensor& logp, const at::Tensor& entropy,
+               const at::Tensor& stats) const override {
+    last = vocab_parallel_forward(api, logits, labels, shard, all_reduce, opts, backend);
+    logp.copy_(last.logp.reshape({-1}));
+    entropy.copy_(last.entropy.reshape({-1}));
+    stats.copy_(last.stats);
+  }
+
+  at::Tensor backward(const at::Tensor& logits, const at::Tensor&, const at::Tensor& stats,
+                      const at::Tensor& grad_logp, const at::Tensor& grad_entropy) const override {
+    return vocab_parallel_backward(logits, last.local_labels, last.not_owned, stats, grad_logp,
+                                   grad_entropy, opts, backend);
+  }
+
+  void finish_grad_hidden(at::Tensor& grad_hidden) const override {
+    all_reduce(grad_hidden, ReduceOp::Sum);
+  }
+};
 
 }  // namespace detail
 
@@ -298,30 +353,8 @@ class VocabParallelTokenLogprobsFunction
     if (logits.numel() == 0) {
       grad_logits = at::zeros_like(logits);
     } else if (grad_logp.defined() || grad_entropy.defined()) {
-      grad_logits = detail::run_token_logprobs_backward(logits, labels, stats, grad_logp,
-                                                        grad_entropy, opts, backend);
-      // Rows whose label another rank owns were run with label 0 of the
-      // slice: recompute entry 0 without the one-hot term (Note
-      // [Vocabulary-parallel softmax]), with core::token_logprob_grad's
-      // formula p (c0 + c1 y).
-      const at::ScalarType acc = stats.scalar_type();
-      const double cutoff = composed::softmax_cutoff_for(acc);
-      const double inv_temperature = composed::inv_temperature_for(acc, opts.temperature);
-      const std::int64_t vocab = logits.size(-1);
-      const at::Tensor zero_rows = at::zeros({labels.numel()}, stats.options());
-      const at::Tensor g = grad_logp.defined() ? grad_logp : zero_rows;
-      const at::Tensor h = grad_entropy.defined() ? grad_entropy : zero_rows;
-      const at::Tensor z =
-          composed::scaled_logits(logits.detach().select(-1, 0).reshape({-1}), acc, opts);
-      const at::Tensor y = z - stats.select(1, 0);
-      const at::Tensor t = y - stats.select(1, 1);
-      const at::Tensor p = t.clamp_min(cutoff).exp().mul_(t >= cutoff);
-      const at::Tensor c0 = (g - h * stats.select(1, 2)) * -inv_temperature;
-      const at::Tensor c1 = h * -inv_temperature;
-      const at::Tensor entry =
-          at::where(p > 0, p * (c0 + c1 * y.clamp_min(cutoff)), at::zeros({}, stats.options()));
-      at::Tensor first = grad_logits.view({-1, vocab}).select(1, 0);
-      first.copy_(at::where(not_owned, entry.to(grad_logits.scalar_type()), first));
+      grad_logits = detail::vocab_parallel_backward(logits, labels, not_owned, stats, grad_logp,
+                                                    grad_entropy, opts, backend);
     }
     return {grad_logits,    // logits
             at::Tensor(),   // labels (integer)
@@ -425,6 +458,89 @@ inline LogitsLossResult vocab_parallel_policy_loss_from_logits(
   return detail::vocab_parallel_loss_from_logits(
       "psft::distributed::vocab_parallel_policy_loss_from_logits", logits, labels, old_logp,
       advantages, shard, all_reduce, loss_opts, logits_opts);
+}
+
+namespace detail {
+
+inline LogitsLossResult vocab_parallel_loss_from_hidden(
+    const char* api, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& old_logp, const at::Tensor& advantages, const VocabShard& shard,
+    const AllReduce& all_reduce, const LossOptions& loss_opts, const HiddenOptions& hidden_opts) {
+  check_all_reduce(api, all_reduce);
+  // Every check before the first collective; a failure reaches every rank
+  // through one all-reduce of a flag, so that none waits in a chunk's.
+  std::string local_error;
+  ::psft::detail::ClippedHiddenLoss c;
+  try {
+    TORCH_CHECK(loss_opts.objective.ratio_level != RatioLevel::Sequence, api,
+                ": objective.ratio_level = Sequence (GSPO) needs every token before any gradient; "
+                "with a sharded head use vocab_parallel_policy_loss_from_logits");
+    TORCH_CHECK(shard.vocab_size >= 1 && shard.begin >= 0 && shard.begin < shard.end &&
+                    shard.end <= shard.vocab_size,
+                api, ": shard must satisfy 0 <= begin < end <= vocab_size, got [", shard.begin,
+                ", ", shard.end, ") of ", shard.vocab_size);
+    TORCH_CHECK(weight.defined() && weight.dim() == 2 && weight.size(0) == shard.end - shard.begin,
+                api, ": weight must be this rank's rows of the LM head, [end - begin, H] = [",
+                shard.end - shard.begin, ", H], got ",
+                weight.defined() ? weight.sizes() : at::IntArrayRef{});
+    c = ::psft::detail::check_clipped_hidden_loss(api, hidden, weight, labels, old_logp, advantages,
+                                                  loss_opts, hidden_opts, shard.vocab_size);
+  } catch (const std::exception& e) {
+    local_error = e.what();
+  }
+  at::Tensor failed = at::full(
+      {1}, local_error.empty() ? 0.0 : 1.0,
+      at::TensorOptions().dtype(at::kFloat).device(hidden.defined() ? hidden.device() : at::kCPU));
+  all_reduce(failed, ReduceOp::Max);
+  const bool any_failed = failed.item<double>() != 0;
+  TORCH_CHECK(local_error.empty(), local_error);
+  TORCH_CHECK(!any_failed, api,
+              ": another rank of the vocabulary-parallel group failed (see its error)");
+  const VocabParallelRows rows(shard, all_reduce, c.opts, c.plan.backend);
+  c.plan.rows = &rows;
+  return ::psft::detail::run_clipped_hidden_loss(c, hidden, weight, labels, old_logp, advantages,
+                                                 loss_opts);
+}
+
+}  // namespace detail
+
+/// psft::psft_loss_from_hidden for an LM head whose weight rows are sharded
+/// over the ranks of a group (Megatron's layout): this rank holds rows
+/// [shard.begin, shard.end) of the [V, H] weight (and of the bias, in
+/// hidden_opts.bias), and every rank the same hidden state and labels. Each
+/// chunk's logits slice goes through the vocabulary-parallel pass (two
+/// all-reduces per chunk, of N_chunk + 1 and 3 N_chunk + 1 numbers); after
+/// the last chunk hidden's gradient is summed over the ranks with one
+/// all-reduce of [N, H], as a tensor-parallel LM head does, so every rank
+/// gets the full gradient of hidden and the gradient of its own weight (and
+/// bias) rows. One more all-reduce, of one number, before the first chunk
+/// makes an error on any rank an error on every rank. The loss, metrics,
+/// logp and entropy equal psft_loss_from_hidden's on the whole head, on
+/// every rank. Every rank must call it with the same labels, old_logp and
+/// options, and with hidden requiring a gradient on all ranks or on none.
+/// objective.ratio_level = Sequence is refused (use the from-logits form).
+inline LogitsLossResult vocab_parallel_psft_loss_from_hidden(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& old_logp, const VocabShard& shard, const AllReduce& all_reduce,
+    const LossOptions& loss_opts = {}, const HiddenOptions& hidden_opts = {}) {
+  return detail::vocab_parallel_loss_from_hidden(
+      "psft::distributed::vocab_parallel_psft_loss_from_hidden", hidden, weight, labels, old_logp,
+      at::Tensor(), shard, all_reduce, loss_opts, hidden_opts);
+}
+
+/// psft::policy_loss_from_hidden (any advantages) for a sharded LM head;
+/// otherwise as vocab_parallel_psft_loss_from_hidden.
+inline LogitsLossResult vocab_parallel_policy_loss_from_hidden(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& old_logp, const at::Tensor& advantages, const VocabShard& shard,
+    const AllReduce& all_reduce, const LossOptions& loss_opts = {},
+    const HiddenOptions& hidden_opts = {}) {
+  TORCH_CHECK(advantages.defined(),
+              "psft::distributed::vocab_parallel_policy_loss_from_hidden: advantages is an "
+              "undefined tensor (use vocab_parallel_psft_loss_from_hidden for A = 1)");
+  return detail::vocab_parallel_loss_from_hidden(
+      "psft::distributed::vocab_parallel_policy_loss_from_hidden", hidden, weight, labels, old_logp,
+      advantages, shard, all_reduce, loss_opts, hidden_opts);
 }
 
 }  // namespace distributed

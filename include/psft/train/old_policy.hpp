@@ -252,6 +252,26 @@ class OldPolicy {
   at::Tensor old_logp(std::int64_t index, const Batch& batch,
                       const at::Tensor& current_logp = at::Tensor());
 
+  /// The old_logp to give a fused loss (psft_loss_from_logits,
+  /// psft_loss_from_hidden, ...), which computes this mini-batch's
+  /// log-probabilities itself: an undefined tensor where the old policy is
+  /// that very forward (Recompute's mini-batch 0 with reuse_first_forward,
+  /// before the global batch's first optimizer step and not cached yet),
+  /// which the fused losses read as "old = current" (r = 1); old_logp(index,
+  /// batch) everywhere else. After an undefined one, give the loss's result
+  /// to keep_current so that the later epochs over the global batch find it.
+  /// \throws c10::Error as old().
+  at::Tensor fused_old_logp(std::int64_t index, const Batch& batch);
+
+  /// Caches a fused loss's per-token results (its logp and entropy, detached
+  /// and kept in float32) as mini-batch index's old log-probs where
+  /// fused_old_logp gave an undefined tensor, as old(index, batch, current)
+  /// does for an unfused forward; elsewhere only checks the shape.
+  /// \throws c10::Error as old().
+  void keep_current(std::int64_t index, const Batch& batch, const TokenLogprobs& current) {
+    (void)old(index, batch, current);
+  }
+
   /// Call after every optimizer step: counts it, refreshes the Snapshot copy
   /// every snapshot_interval steps, applies the Ema update.
   void after_optimizer_step();
@@ -563,6 +583,17 @@ at::Tensor OldPolicy<ModuleHolder, Batch>::old_logp(std::int64_t index, const Ba
   TokenLogprobs current;
   current.logp = current_logp;
   return old(index, batch, current).logp;
+}
+
+template <typename ModuleHolder, typename Batch>
+at::Tensor OldPolicy<ModuleHolder, Batch>::fused_old_logp(std::int64_t index, const Batch& batch) {
+  const bool in_range = index >= 0 && index < mini_batch_count_;
+  const auto i = static_cast<std::size_t>(index);
+  if (options_.strategy == OldPolicyStrategy::Recompute && in_range && needs_old_[i] &&
+      !cached_logp_[i].defined() && steps_in_global_batch_ == 0) {
+    return at::Tensor();  // the loss's own forward is the old policy
+  }
+  return old(index, batch).logp;  // every check, and the cached or scored value
 }
 
 template <typename ModuleHolder, typename Batch>
