@@ -42,7 +42,9 @@
 // (per-row outputs and the reductions' partial sums, under 0.1%, are left
 // out). The API cases count the least their result needs: clipped
 // forward + backward N (4e + 1), logits forward N V e, forward + backward
-// 3 N V e (psft's design reads the logits in each pass).
+// 3 N V e (psft's design reads the logits in each pass); from the hidden
+// state, reading hidden and weight and writing their gradients,
+// 2 (N + V) H e (a GEMM-bound case: its GB/s is no bandwidth figure).
 //
 // After the runs a summary pairs the paths per case: fused and composed ms,
 // speedup, fused GB/s, and that as a fraction of the copy of the same bytes
@@ -87,6 +89,7 @@ namespace {
 constexpr std::int64_t kTokens = std::int64_t(1) << 20;  // clipped objective
 constexpr std::int64_t kLogitsTokens = 16384;
 constexpr std::int64_t kVocab = 151936;
+constexpr std::int64_t kHidden = 4096;  // the from-hidden case's H
 constexpr std::int64_t kIgnoreIndex = -100;
 constexpr std::int64_t kLargeCopyBytes = std::int64_t(1) << 30;
 constexpr double kClippedTarget = 0.8;  // fraction of copy bandwidth
@@ -399,6 +402,37 @@ void bench_logits_api(benchmark::State& state, const std::string& name, psft::Ba
   });
 }
 
+/// The LM head fused with the PSFT loss (psft_loss_from_hidden) against
+/// at::mm + psft_loss_from_logits (the "composed" column here: the
+/// unfused path a user writes with psft), forward + backward with the
+/// gradients of hidden and weight, bf16, [16384, 4096] hidden and a
+/// [151936, 4096] head. Bytes (Note [Bytes moved]): hidden and weight read,
+/// their gradients written.
+void bench_hidden_api(benchmark::State& state, const std::string& name, bool fused,
+                      std::int64_t bytes) {
+  const at::Tensor hidden = shared_tensor("hidden", [] {
+    torch::manual_seed(2);
+    return at::randn({kLogitsTokens, kHidden}, on_gpu(at::kBFloat16));
+  });
+  const at::Tensor weight = shared_tensor("head", [] {
+    torch::manual_seed(3);
+    return at::randn({kVocab, kHidden}, on_gpu(at::kBFloat16)).mul_(0.02);
+  });
+  const at::Tensor y = labels();
+  const at::Tensor h = hidden.detach().requires_grad_();
+  const at::Tensor w = weight.detach().requires_grad_();
+  at::Tensor old;
+  {
+    at::NoGradGuard no_grad;
+    old = psft::token_logprobs_from_hidden(hidden, weight, y).logp - 0.05;
+  }
+  run_timed(state, name, bytes, [&] {
+    const at::Tensor loss = fused ? psft::psft_loss_from_hidden(h, w, y, old).loss
+                                  : psft::psft_loss_from_logits(at::mm(h, w.t()), y, old).loss;
+    torch::autograd::grad({loss}, {h, w});
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Registration and summary.
 // ---------------------------------------------------------------------------
@@ -509,10 +543,26 @@ void register_logits() {
   }
 }
 
+void register_hidden() {
+  const std::string suffix = "/bf16/" + std::to_string(kLogitsTokens) + "x" +
+                             std::to_string(kHidden) + "x" + std::to_string(kVocab);
+  const std::int64_t bytes = 2 * 2 * (kLogitsTokens + kVocab) * kHidden;  // Note [Bytes moved]
+  SummaryRow row{"hidden/fwd_bwd" + suffix, "api", "", "", copy_moving(bytes), 0};
+  for (const bool fused : {true, false}) {
+    const std::string name =
+        std::string("hidden/fwd_bwd/") + (fused ? "fused" : "mm_logits") + suffix;
+    add(name,
+        [name, fused, bytes](benchmark::State& s) { bench_hidden_api(s, name, fused, bytes); });
+    (fused ? row.fused : row.composed) = name;
+  }
+  summary_rows().push_back(row);
+}
+
 void register_all() {
   copy_moving(2 * kLargeCopyBytes);  // large_copy_name()
   register_clipped();
   register_logits();
+  register_hidden();
 }
 
 /// Mean ms per call of a benchmark that ran, else -1.

@@ -24,16 +24,18 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "bench_memory.hpp"
 #include "psft/logits.hpp"
 #include "psft/version.hpp"
 
 namespace {
+
+using psft_bench::peak_extra_bytes;
 
 constexpr std::int64_t kIgnore = -100;
 
@@ -41,47 +43,6 @@ int bench_threads() {
   const char* env = std::getenv("PSFT_BENCH_THREADS");
   const int n = env ? std::atoi(env) : 2;
   return n > 0 ? n : 2;
-}
-
-// ---------------------------------------------------------------------------
-// Peak memory of one call.
-// ---------------------------------------------------------------------------
-
-/// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
-double status_bytes(const char* field) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  const std::string prefix = std::string(field) + ":";
-  while (std::getline(in, line)) {
-    if (line.compare(0, prefix.size(), prefix) == 0) {
-      std::istringstream value(line.substr(prefix.size()));
-      double kb = -1;
-      value >> kb;
-      return kb * 1024.0;
-    }
-  }
-  return -1;
-}
-
-/// Resets the high-water mark of resident memory to the current value.
-bool reset_peak_rss() {
-  std::ofstream out("/proc/self/clear_refs");
-  out << "5";
-  out.flush();
-  return out.good();
-}
-
-/// Peak resident bytes of fn() above the resident bytes before it, or -1.
-template <class F>
-double peak_extra_bytes(F&& fn) {
-  if (!reset_peak_rss()) {
-    fn();
-    return -1;
-  }
-  const double before = status_bytes("VmRSS");
-  fn();
-  const double peak = status_bytes("VmHWM");
-  return before < 0 || peak < 0 ? -1 : peak - before;
 }
 
 // ---------------------------------------------------------------------------

@@ -12,7 +12,10 @@ run twice in one process, eagerly and through torch.compile (default mode):
       log_softmax of [16384, 151936] bf16 logits in float32, the label's
       log-probability and the entropy, without gradient;
   logits/fwd_bwd/bf16/16384x151936
-      the same and the gradient of logp.sum() + entropy.sum().
+      the same and the gradient of logp.sum() + entropy.sum();
+  hidden/fwd_bwd/bf16/16384x4096x151936
+      the PSFT loss from a [16384, 4096] hidden state through a [151936, 4096]
+      LM head, and the gradients of hidden and weight.
 
 Each call is timed with CUDA events after writing twice the L2 cache, as the
 C++ benchmark does; the line gives the mean over at least 0.1 s of GPU time,
@@ -39,7 +42,7 @@ import time
 import torch
 
 TOKENS = 1 << 20
-LOGITS_TOKENS, VOCAB = 16384, 151936
+LOGITS_TOKENS, VOCAB, HIDDEN = 16384, 151936, 4096
 IGNORE_INDEX = -100
 EPS_LOW, EPS_HIGH, LOG_RATIO_CLAMP = 0.2, 0.28, 20.0
 MIN_SECONDS = 0.1
@@ -162,6 +165,38 @@ def logits_cases():
     ]
 
 
+def hidden_loss(hidden, weight, labels, old_logp):
+    """The PSFT loss from the last hidden state (psft.psft_loss_from_hidden):
+    the LM head, log_softmax in float32, token-mean l = -min(r, 1 + eps_high)."""
+    logp, _ = token_logprobs(hidden @ weight.t(), labels)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    mask = labels != IGNORE_INDEX
+    token_loss = -torch.minimum(ratio, torch.full_like(ratio, 1 + EPS_HIGH))
+    return torch.where(mask, token_loss, 0).sum() / mask.sum().clamp_min(1)
+
+
+def hidden_cases():
+    torch.manual_seed(2)
+    hidden = torch.randn(LOGITS_TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16).mul_(0.02)
+    labels = torch.randint(0, VOCAB, (LOGITS_TOKENS,), device="cuda")
+    labels.masked_fill_(torch.rand(LOGITS_TOKENS, device="cuda") < 0.1, IGNORE_INDEX)
+    with torch.no_grad():
+        old_logp = token_logprobs((hidden @ weight.t()), labels)[0] - 0.05
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    nbytes = 2 * 2 * (LOGITS_TOKENS + VOCAB) * HIDDEN
+
+    def steps(fn):
+        def step():
+            return torch.autograd.grad(fn(h, w, labels, old_logp), (h, w))
+
+        return step
+
+    shape = f"bf16/{LOGITS_TOKENS}x{HIDDEN}x{VOCAB}"
+    return [(f"hidden/fwd_bwd/{shape}", nbytes, hidden_loss, steps)]
+
+
 def read_psft(path):
     """Fused ms per case from psft_bench_cuda's summary ("<case> api <MB> <fused_ms> ...")."""
     fused = {}
@@ -229,6 +264,8 @@ def main():
         case, nbytes, fn, steps = clipped_case(dtype)
         run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
     for case, nbytes, fn, steps in logits_cases():
+        run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
+    for case, nbytes, fn, steps in hidden_cases():
         run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
     return 0
 
