@@ -17,7 +17,10 @@
 /// all that for N seeds (base model, demonstration order, RL prompts and
 /// sampler) into DIR/seed-K/ and writes the mean and spread of every figure,
 /// and of the paired differences between runs, to DIR/summary.json and
-/// DIR/seeds.md. See docs/demo.md.
+/// DIR/seeds.md. The losses and log-probabilities take the last hidden state
+/// with the LM head fused in (psft's *_from_hidden); --unfused computes the
+/// logits first and uses the *_from_logits functions, for comparison. See
+/// docs/demo.md.
 
 #include <torch/torch.h>
 
@@ -69,6 +72,9 @@ struct Settings {
   std::int64_t seeds = 0;  ///< 0: one run in DIR; N >= 1: N seeds in DIR/seed-K
   bool same_base = false;  ///< every seed starts from seed 0's base model
   std::string rl_objective = "clipped";
+  /// The LM head as its own layer: losses and log-probabilities from the
+  /// logits (psft's *_from_logits) instead of fused (*_from_hidden).
+  bool unfused = false;
   std::uint64_t rl_eval_seed = 4242;  ///< sampler seed of the held-out RL reward
   gpt::PretrainConfig pretrain;
   gpt::FinetuneConfig finetune;
@@ -430,6 +436,7 @@ void write_summary(const fs::path& path, const Settings& st, const SeedResult& r
   o << "  \"global_batch\": " << st.finetune.global_batch << ",\n";
   o << "  \"mini_batches\": " << st.finetune.mini_batches << ",\n";
   o << "  \"rl_objective\": " << rl_objective_json(st) << ",\n";
+  o << "  \"lm_head\": \"" << (st.unfused ? "unfused" : "fused") << "\",\n";
   o << "  \"seconds\": " << json_number(total_seconds) << ",\n";
   o << "  \"matched_in_domain_accuracy\": " << json_number(matched_target) << ",\n";
   o << "  \"base\": {\"in_domain_accuracy\": " << json_number(base.in_domain)
@@ -567,7 +574,8 @@ SeedResult run_seed(const Settings& st, const fs::path& out, Progress& progress)
               static_cast<long long>(base->parameter_count()),
               loaded ? "loaded from" : "pretrained and saved to", base_path.c_str());
 
-  const gpt::Evaluator evaluator(base, gpt::Skill::Add, st.eval_per_skill, demos.examples);
+  const gpt::Evaluator evaluator(base, gpt::Skill::Add, st.eval_per_skill, demos.examples,
+                                 st.unfused);
   SeedResult result;
   result.seed = st.seed;
   result.base = evaluator(base);
@@ -893,6 +901,7 @@ void write_seeds_summary(const fs::path& path, const Settings& st,
     << ",\n";
   o << "  \"same_base\": " << (st.same_base || !st.base.empty() ? "true" : "false") << ",\n";
   o << "  \"rl_objective\": " << rl_objective_json(st) << ",\n";
+  o << "  \"lm_head\": \"" << (st.unfused ? "unfused" : "fused") << "\",\n";
   o << "  \"threads\": " << torch::get_num_threads() << ",\n";
   o << "  \"seconds\": " << json_number(total_seconds) << ",\n";
   {
@@ -1028,8 +1037,8 @@ std::string seeds_markdown(const Settings& st, const std::vector<SeedResult>& se
 int run_demo(Settings& st) {
   const auto t0 = Clock::now();
   fs::create_directories(st.out);
-  std::printf("psft %s, LibTorch %s, %d threads\n", psft::version(), TORCH_VERSION,
-              torch::get_num_threads());
+  std::printf("psft %s, LibTorch %s, %d threads, LM head %s\n", psft::version(), TORCH_VERSION,
+              torch::get_num_threads(), st.unfused ? "unfused (--unfused)" : "fused into the loss");
   if (st.seeds == 0) {
     const Settings one = seeded(st, st.seed);
     Progress progress(seed_work(one));
@@ -1104,7 +1113,7 @@ int usage(const char* argv0) {
       "          [--rl-mini-batches N] [--rl-ppo-epochs N] [--rl-temperature X]\n"
       "          [--rl-seed N] [--rl-keep-uniform-groups] [--rl-from a,b] [--only a,b]\n"
       "          [--rl-objective clipped|gspo|cispo] [--rl-eps-low X] [--rl-eps-high X]\n"
-      "          [--rl-cispo-cap X] [--seed K] [--seeds N] [--same-base]\n"
+      "          [--rl-cispo-cap X] [--seed K] [--seeds N] [--same-base] [--unfused]\n"
       "          [--pretrain-steps N] [--dim N] [--layers N] [--mixture w,w,w,w]\n"
       "       %s pretrain --out FILE [--quick] [--threads N] [--pretrain-steps N] ...\n",
       argv0, argv0);
@@ -1243,6 +1252,8 @@ int main(int argc, char** argv) {
       if (st.seeds < 1) return usage(argv[0]);
     } else if (a == "--same-base") {
       st.same_base = true;
+    } else if (a == "--unfused") {
+      st.unfused = true;
     } else if (a == "--rl-keep-uniform-groups") {
       st.rl.skip_uniform_groups = false;
     } else if (a == "--pretrain-steps") {
@@ -1266,6 +1277,7 @@ int main(int argc, char** argv) {
       return usage(argv[0]);
     }
   }
+  st.finetune.unfused = st.rl.unfused = st.unfused;
   if (st.threads > 0) torch::set_num_threads(st.threads);
   // A quick run keeps its base model with its outputs, not in the user's cache.
   if (st.quick && st.cache_dir.empty()) st.cache_dir = st.out / "cache";

@@ -55,7 +55,8 @@ struct BlockImpl : torch::nn::Cloneable<BlockImpl> {
 };
 TORCH_MODULE(Block);
 
-/// The decoder: logits [B, T, vocab] from token ids [B, T].
+/// The decoder: logits [B, T, vocab] from token ids [B, T] (forward), or the
+/// last hidden state for a loss with the LM head fused in (hidden).
 struct GptImpl : torch::nn::Cloneable<GptImpl> {
   explicit GptImpl(const GptConfig& c) : config(c) {
     TORCH_CHECK(c.dim % c.heads == 0, "gpt: dim ", c.dim, " is not a multiple of heads ", c.heads);
@@ -84,7 +85,10 @@ struct GptImpl : torch::nn::Cloneable<GptImpl> {
     head = register_module("head", torch::nn::Linear(config.dim, config.vocab));
   }
 
-  torch::Tensor forward(const torch::Tensor& ids) {
+  /// The last hidden state ln_f(x), [B, T, dim], from token ids [B, T]: what
+  /// the LM head reads, and what psft's from-hidden losses take together
+  /// with head->weight ([vocab, dim]) and head->bias ([vocab]).
+  torch::Tensor hidden(const torch::Tensor& ids) {
     const std::int64_t t = ids.size(1);
     TORCH_CHECK(t <= config.context, "gpt: sequence of ", t, " tokens, context is ",
                 config.context);
@@ -92,8 +96,11 @@ struct GptImpl : torch::nn::Cloneable<GptImpl> {
     const torch::Tensor causal = torch::ones({t, t}, ids.options().dtype(torch::kBool)).tril();
     torch::Tensor x = token_embedding(ids) + position_embedding(positions);
     for (const auto& block : *blocks) x = block->as<Block>()->forward(x, causal);
-    return head(ln_f(x));
+    return ln_f(x);
   }
+
+  /// Logits [B, T, vocab] from token ids [B, T].
+  torch::Tensor forward(const torch::Tensor& ids) { return head(hidden(ids)); }
 
   std::int64_t parameter_count() {
     std::int64_t n = 0;

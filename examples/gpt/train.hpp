@@ -4,9 +4,11 @@
 /// mixture, fine-tuning on one skill (SFT, DFT, PSFT, PSFT after SFT
 /// warm-up), evaluation (accuracy, entropy, KL from the base) and a
 /// GRPO-style RL stage. Everything the losses see goes through psft's public
-/// API: token_logprobs, psft_loss_from_logits, policy_loss_from_logits,
-/// psft_loss (for the trust-region metrics of the SFT runs), and
-/// TrustRegionMonitor (whether the trust region binds at all).
+/// API: the LM head fused into the loss (token_logprobs_from_hidden,
+/// sft_loss_from_hidden, psft_loss_from_hidden, policy_loss_from_hidden; with
+/// `unfused` their *_from_logits counterparts on the head's logits), psft_loss
+/// (for the trust-region metrics of the SFT runs), and TrustRegionMonitor
+/// (whether the trust region binds at all).
 
 #include <torch/torch.h>
 
@@ -20,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include <psft/hidden.hpp>
 #include <psft/train.hpp>
 
 #include "data.hpp"
@@ -122,6 +125,65 @@ inline torch::Tensor masked_mean(const torch::Tensor& x, const torch::Tensor& ma
   return (x * w).sum() / w.sum().clamp_min(1.0);
 }
 
+// ---------------------------------------------------------------- LM head
+
+/// The model run over a batch up to what psft's losses read, either of two
+/// ways: by default the last hidden state, with the LM head fused into the
+/// loss (psft's *_from_hidden functions compute the logits a chunk of tokens
+/// at a time, and neither they nor their gradient ever exist whole), or with
+/// `unfused` the head's logits and the *_from_logits functions (the demo's
+/// earlier path, kept for comparison: the same figures up to rounding).
+/// Old log-probabilities and the loss they enter must come from the same
+/// path, so that unchanged weights give a ratio of exactly 1.
+class HeadPass {
+ public:
+  HeadPass(Gpt& model, const torch::Tensor& ids, bool unfused, const psft::LogitsOptions& opts = {})
+      : unfused_(unfused) {
+    static_cast<psft::LogitsOptions&>(opts_) = opts;
+    if (unfused_) {
+      logits_ = model->forward(ids);
+    } else {
+      hidden_ = model->hidden(ids);
+      weight_ = model->head->weight;
+      opts_.bias = model->head->bias;
+    }
+  }
+
+  psft::TokenLogprobs token_logprobs(const torch::Tensor& labels) const {
+    return unfused_ ? psft::token_logprobs(logits_, labels, opts_)
+                    : psft::token_logprobs_from_hidden(hidden_, weight_, labels, opts_);
+  }
+
+  psft::SftLogitsLossResult sft_loss(const torch::Tensor& labels, psft::SftVariant variant,
+                                     const psft::LossOptions& loss_opts) const {
+    return unfused_
+               ? psft::sft_loss_from_logits(logits_, labels, variant, loss_opts, opts_)
+               : psft::sft_loss_from_hidden(hidden_, weight_, labels, variant, loss_opts, opts_);
+  }
+
+  psft::LogitsLossResult psft_loss(const torch::Tensor& labels, const torch::Tensor& old_logp,
+                                   const psft::LossOptions& loss_opts) const {
+    return unfused_
+               ? psft::psft_loss_from_logits(logits_, labels, old_logp, loss_opts, opts_)
+               : psft::psft_loss_from_hidden(hidden_, weight_, labels, old_logp, loss_opts, opts_);
+  }
+
+  psft::LogitsLossResult policy_loss(const torch::Tensor& labels, const torch::Tensor& old_logp,
+                                     const torch::Tensor& advantages,
+                                     const psft::LossOptions& loss_opts) const {
+    return unfused_ ? psft::policy_loss_from_logits(logits_, labels, old_logp, advantages,
+                                                    loss_opts, opts_)
+                    : psft::policy_loss_from_hidden(hidden_, weight_, labels, old_logp, advantages,
+                                                    loss_opts, opts_);
+  }
+
+ private:
+  bool unfused_;
+  psft::HiddenOptions opts_;       ///< the LogitsOptions given, and the head's bias
+  torch::Tensor logits_;           ///< unfused: [B, T, V]
+  torch::Tensor hidden_, weight_;  ///< fused: [B, T, dim] and the head's [V, dim]
+};
+
 // ---------------------------------------------------------------- pretraining
 
 /// Base pretraining: fresh examples of the skill mixture every step.
@@ -145,7 +207,9 @@ struct PretrainConfig {
 };
 
 /// Trains a base model from scratch; `progress(step, loss)` is called every
-/// step.
+/// step. Always through the logits (HeadPass's `unfused` does not apply):
+/// the checkpoint is cached under PretrainConfig::key alone, so fused and
+/// --unfused demos start from the same base model, bit for bit.
 inline Gpt pretrain(const PretrainConfig& c,
                     const std::function<void(std::int64_t, double)>& progress) {
   torch::manual_seed(static_cast<std::uint64_t>(c.seed));
@@ -179,10 +243,11 @@ struct Evaluator {
   std::vector<Dataset> per_skill;  ///< indexed by Skill
   Batch teacher;                   ///< all skills' test examples, for KL
   torch::Tensor base_log_probs;    ///< [N, kContext, V] of the base on `teacher`
+  bool unfused = false;            ///< the entropy from the logits (HeadPass)
 
   Evaluator(Gpt& base, Skill task, std::int64_t per_skill_count,
-            const std::vector<Example>& exclude)
-      : task(task) {
+            const std::vector<Example>& exclude, bool unfused = false)
+      : task(task), unfused(unfused) {
     std::vector<std::string> seen;
     for (const Example& e : exclude) seen.push_back(e.prompt);
     std::sort(seen.begin(), seen.end());
@@ -227,8 +292,9 @@ struct Evaluator {
     }
     r.out_of_domain = ood / (kSkillCount - 1);
     const Batch& in = per_skill[static_cast<std::size_t>(task)].batch;
-    const psft::TokenLogprobs tl = psft::token_logprobs(model->forward(in.ids), in.labels);
+    const psft::TokenLogprobs tl = HeadPass(model, in.ids, unfused).token_logprobs(in.labels);
     r.entropy = masked_mean(tl.entropy, in.labels != -100).item<double>();
+    // KL over the whole vocabulary needs every logit.
     const torch::Tensor log_probs = torch::log_softmax(model->forward(teacher.ids), -1);
     const torch::Tensor kl = (log_probs.exp() * (log_probs - base_log_probs)).sum(-1);
     r.kl_from_base = masked_mean(kl, teacher.labels != -100).item<double>();
@@ -266,6 +332,7 @@ struct FinetuneConfig {
   /// Snapshot refreshed every snapshot_interval steps, or an Ema copy.
   psft::OldPolicyOptions old_policy;
   std::uint64_t seed = 3;
+  bool unfused = false;  ///< losses and old log-probabilities from the logits (HeadPass)
 
   /// Optimizer steps of a run over `demonstrations`.
   std::int64_t steps(std::int64_t demonstrations) const {
@@ -290,13 +357,6 @@ struct StepLog {
   bool evaluated = false;
 };
 
-/// How the old policy scores a mini-batch: exactly the training step's
-/// code path (model forward, psft::token_logprobs), so that unchanged
-/// weights give a ratio of exactly 1.
-inline psft::TokenLogprobs score(Gpt& model, const Batch& b) {
-  return psft::token_logprobs(model->forward(b.ids), b.labels);
-}
-
 /// Fine-tunes a copy of `base` on `demos`; `log` gets every step.
 ///
 /// The loop is the PSFT recipe's: per global batch, psft::OldPolicy
@@ -317,7 +377,12 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
                           torch::optim::AdamWOptions(run.lr).weight_decay(c.weight_decay));
   psft::OldPolicyOptions old_opts = run.old_policy.value_or(c.old_policy);
   old_opts.reuse_first_forward = false;  // the PSFT path computes logp inside the loss
-  psft::OldPolicy<Gpt, Batch> old_policy(model, old_opts, score);
+  // The old policy scores a mini-batch by the training step's path, so that
+  // unchanged weights give a ratio of exactly 1.
+  psft::OldPolicy<Gpt, Batch> old_policy(
+      model, old_opts, [unfused = c.unfused](Gpt& m, const Batch& b) {
+        return HeadPass(m, b.ids, unfused).token_logprobs(b.labels);
+      });
   const psft::SftWarmupSchedule phases{run.objective == Objective::Psft ? run.sft_warmup_steps : 0};
   const psft::LinearLrWarmup lr_schedule{run.lr, c.lr_warmup};
 
@@ -353,7 +418,7 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
         const Batch& b = minis[k];
         const torch::Tensor old = old_policy.old_logp(static_cast<std::int64_t>(k), b);
         const torch::Tensor mask = b.labels != -100;
-        const torch::Tensor logits = model->forward(b.ids);
+        const HeadPass pass(model, b.ids, c.unfused);
         StepLog s;
         s.run = run.name;
         s.stage = "finetune";
@@ -363,21 +428,19 @@ inline Gpt finetune(const Gpt& base, const Dataset& demos, const RunSpec& run,
         psft::LossMetrics metrics;
         if (run.objective == Objective::Psft &&
             phases.objective_at(step) == psft::TrainingObjective::Psft) {
-          const psft::LogitsLossResult r =
-              psft::psft_loss_from_logits(logits, b.labels, old, loss_opts);
+          const psft::LogitsLossResult r = pass.psft_loss(b.labels, old, loss_opts);
           loss = r.loss;
           metrics = r.metrics;
           s.entropy = r.entropy_mean.item<double>();
         } else {
-          const psft::TokenLogprobs tl = psft::token_logprobs(logits, b.labels);
-          loss = psft::sft_loss(tl.logp, mask,
-                                run.objective == Objective::Dft ? psft::SftVariant::Dft
-                                                                : psft::SftVariant::Nll,
-                                loss_opts)
-                     .loss;
+          const psft::SftLogitsLossResult r = pass.sft_loss(
+              b.labels,
+              run.objective == Objective::Dft ? psft::SftVariant::Dft : psft::SftVariant::Nll,
+              loss_opts);
+          loss = r.loss;
           // What PSFT's trust region would have clipped at this step.
-          metrics = psft::psft_loss(tl.logp.detach(), old, mask, loss_opts).metrics;
-          s.entropy = masked_mean(tl.entropy, mask).item<double>();
+          metrics = psft::psft_loss(r.logp.detach(), old, mask, loss_opts).metrics;
+          s.entropy = masked_mean(r.entropy, mask).item<double>();
         }
         s.lr = lr_schedule.lr_at(step);
         psft::set_learning_rate(opt, s.lr);
@@ -422,6 +485,7 @@ struct RlConfig {
   /// reward (their advantages are 0): they would only dilute the token mean.
   bool skip_uniform_groups = true;
   std::uint64_t seed = 11;
+  bool unfused = false;  ///< losses and old log-probabilities from the logits (HeadPass)
   /// The objective: eps 0.2 / 0.28, token mean, the clipped rule at token
   /// level by default (GRPO's); main.cpp's --rl-objective sets GSPO's
   /// sequence-level ratio or CISPO here.
@@ -487,7 +551,7 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
       torch::Tensor old_logp;  // the sampling policy's
       {
         torch::NoGradGuard no_grad;
-        old_logp = psft::token_logprobs(model->forward(ids), labels, logits_opts).logp;
+        old_logp = HeadPass(model, ids, c.unfused, logits_opts).token_logprobs(labels).logp;
       }
       const std::int64_t chunks = std::min(c.mini_batches, m);
       std::int64_t updates = 0;
@@ -497,9 +561,10 @@ inline Gpt reinforce(const Gpt& start, Skill task, const std::string& name, cons
         const torch::Tensor perm = torch::randperm(m, torch::kLong);
         for (std::int64_t k = 0; k < chunks; ++k) {
           const torch::Tensor idx = perm.slice(0, k * m / chunks, (k + 1) * m / chunks);
-          const psft::LogitsLossResult out = psft::policy_loss_from_logits(
-              model->forward(ids.index_select(0, idx)), labels.index_select(0, idx),
-              old_logp.index_select(0, idx), a.index_select(0, idx), loss_opts, logits_opts);
+          const psft::LogitsLossResult out =
+              HeadPass(model, ids.index_select(0, idx), c.unfused, logits_opts)
+                  .policy_loss(labels.index_select(0, idx), old_logp.index_select(0, idx),
+                               a.index_select(0, idx), loss_opts);
           opt.zero_grad();
           out.loss.backward();
           torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0);
