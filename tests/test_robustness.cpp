@@ -833,7 +833,17 @@ void fuzz_hidden(Gen& g) {
       three_d ? std::vector<std::int64_t>{b, t} : std::vector<std::int64_t>{b * t};
   std::vector<std::int64_t> hidden_sizes = label_sizes;
   hidden_sizes.push_back(h);
-  const torch::ScalarType dt = g.float_dtype();
+  // LibTorch 1.13 has no float16 GEMM on the CPU: float32 there instead.
+  static const bool half_gemm = [] {
+    try {
+      at::mm(torch::ones({1, 1}, torch::kHalf), torch::ones({1, 1}, torch::kHalf));
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  torch::ScalarType dt = g.float_dtype();
+  if (dt == torch::kHalf && !half_gemm) dt = torch::kFloat;
   Tensor hidden = (torch::randn(hidden_sizes, torch::kDouble) * g.uniform(0.1, 3)).to(dt);
   if (hidden.numel() > 0 && g.chance(0.1)) {
     const double p[] = {kNaN, kInf, -kInf};
