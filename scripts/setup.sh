@@ -7,6 +7,7 @@
 #                    the oldest LibTorch psft supports), libgloo-dev (gloo's
 #                    headers, for the Gloo tests and example), clang 19's
 #                    interpreter library and headers (libclang-19-dev,
+#                    clang-19, whose package holds ClangConfig.cmake,
 #                    libclang-cpp19-dev, llvm-19-dev) and nlohmann-json3-dev,
 #                    for the notebooks' cell-by-cell run
 #                    (scripts/check-notebooks.sh).
@@ -36,7 +37,7 @@ debian_packages=(
   python3 python3-venv python3-pip
   catch2 libeigen3-dev libbenchmark-dev doxygen clang-format
   libtorch-dev libgloo-dev
-  libclang-19-dev libclang-cpp19-dev llvm-19-dev nlohmann-json3-dev
+  libclang-19-dev clang-19 libclang-cpp19-dev llvm-19-dev nlohmann-json3-dev
 )
 
 # Runs a command with its output appended to $log; on failure shows the end
