@@ -672,3 +672,121 @@ TEST_CASE("asft_loss_from_logits: DFT plus the KL anchor over the vocabulary, ch
   CHECK_THROWS_WITH(psft::asft_loss_from_logits(logits0, ref, labels, -1.0),
                     Catch::Contains("kl_coef"));
 }
+
+TEST_CASE("asft_loss_from_logits: the fused pass over both rows against ATen and the composed path",
+          "[objectives][asft]") {
+  torch::manual_seed(29);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  // V = 4099: two full blocks of the kernel and a tail shorter than a packet.
+  const std::int64_t vocab = 4099;
+  Tensor logits0 = 3 * torch::randn({3, 4, vocab}, f64);
+  Tensor ref = logits0 + torch::randn({3, 4, vocab}, f64);
+  // A masked vocabulary entry (-inf in both rows) and a reference entry of zero mass.
+  logits0.select(2, 7).fill_(-std::numeric_limits<double>::infinity());
+  ref.select(2, 7).fill_(-std::numeric_limits<double>::infinity());
+  ref.select(2, 4000).fill_(-std::numeric_limits<double>::infinity());
+  Tensor labels = torch::randint(0, vocab, {3, 4}, torch::kLong);
+  labels.index_put_({0, 1}, -100);
+  labels.index_put_({2, 3}, 7 + 1);
+  psft::LossOptions o;
+  o.reduction = psft::Reduction::SeqMeanTokenMean;
+  psft::LogitsOptions lo;
+  lo.temperature = 0.8;
+  // ATen in double with autograd: the independent reference.
+  const auto reference = [&](const Tensor& z, const Tensor& zr) {
+    const Tensor lp_all = torch::log_softmax(z / 0.8, -1);
+    const Tensor lr_all = torch::log_softmax(zr / 0.8, -1);
+    const Tensor valid = (labels != -100).to(torch::kDouble);
+    const Tensor lp = lp_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1);
+    const Tensor n = valid.sum(1, true);
+    const auto agg = [&](const Tensor& x) {
+      return ((x * valid).sum(1, true) / n.clamp_min(1)).sum() / (n > 0).sum();
+    };
+    const Tensor term = torch::where(lr_all > -std::numeric_limits<double>::infinity(),
+                                     lr_all.exp() * (lr_all - lp_all), torch::zeros_like(lr_all));
+    return agg(-(lp.detach().exp() * lp)) + 0.07 * agg(term.sum(-1));
+  };
+  const Tensor a = logits0.clone().requires_grad_(true);
+  const psft::AsftLossResult got = psft::asft_loss_from_logits(a, ref, labels, 0.07, o, lo);
+  got.loss.backward();
+  const Tensor b = logits0.clone().requires_grad_(true);
+  const Tensor want = reference(b, ref);
+  want.backward();
+  CHECK(got.loss.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
+  CHECK(torch::allclose(a.grad(), b.grad(), 1e-10, 1e-15));
+  CHECK(a.grad().select(2, 7).abs().max().item<double>() == 0.0);
+  CHECK(got.kl[0][1].item<double>() == 0.0);
+  CHECK(got.logp[0][1].item<double>() == 0.0);
+
+  // Float32: the fused pass against the composed one, non-contiguous inputs.
+  psft::LogitsOptions composed = lo;
+  composed.backend = psft::Backend::Composed;
+  const Tensor l32 = logits0.to(torch::kFloat).transpose(0, 1).contiguous().transpose(0, 1);
+  const Tensor r32 = ref.to(torch::kFloat);
+  REQUIRE_FALSE(l32.is_contiguous());
+  const Tensor f = l32.clone().requires_grad_(true);
+  const Tensor c = l32.clone().requires_grad_(true);
+  const psft::AsftLossResult fused = psft::asft_loss_from_logits(f, r32, labels, 0.07, o, lo);
+  const psft::AsftLossResult comp = psft::asft_loss_from_logits(c, r32, labels, 0.07, o, composed);
+  fused.loss.backward();
+  comp.loss.backward();
+  CHECK(fused.loss.item<double>() == Approx(want.item<double>()).epsilon(2e-5));
+  CHECK(fused.loss.item<double>() == Approx(comp.loss.item<double>()).epsilon(2e-5));
+  CHECK(torch::allclose(fused.kl, comp.kl, 1e-4, 1e-5));
+  CHECK(torch::allclose(f.grad(), c.grad(), 1e-4, 1e-9));
+  CHECK(fused.nll_mean.item<double>() == Approx(comp.nll_mean.item<double>()).epsilon(1e-6));
+  CHECK(fused.kl_mean.item<double>() == Approx(comp.kl_mean.item<double>()).epsilon(1e-4));
+  // No grad: the same kernel, the same numbers.
+  {
+    torch::NoGradGuard no_grad;
+    const psft::AsftLossResult plain = psft::asft_loss_from_logits(l32, r32, labels, 0.07, o, lo);
+    CHECK(plain.loss.item<double>() == fused.loss.item<double>());
+    CHECK(torch::equal(plain.kl, fused.kl.detach()));
+  }
+  // Mixed dtypes take the composed path: same numbers within float rounding.
+  {
+    const psft::AsftLossResult mixed = psft::asft_loss_from_logits(l32, ref, labels, 0.07, o, lo);
+    CHECK(mixed.loss.item<double>() == Approx(want.item<double>()).epsilon(2e-5));
+  }
+  // bf16: within bf16 rounding of the double result on the same inputs.
+  {
+    const Tensor lb = logits0.to(torch::kBFloat16).requires_grad_(true);
+    const Tensor rb = ref.to(torch::kBFloat16);
+    const psft::AsftLossResult bf = psft::asft_loss_from_logits(lb, rb, labels, 0.07, o, lo);
+    bf.loss.backward();
+    const Tensor d = lb.detach().to(torch::kDouble).requires_grad_(true);
+    const Tensor exact = reference(d, rb.to(torch::kDouble));
+    exact.backward();
+    CHECK(bf.loss.item<double>() == Approx(exact.item<double>()).epsilon(1e-5));
+    CHECK(torch::allclose(lb.grad().to(torch::kDouble), d.grad(), 1e-2, 1e-6));
+  }
+  // Bad reference rows are named; rows whose label is ignore_index are not read.
+  Tensor bad = r32.clone();
+  bad.index_put_({1, 2, 5}, std::numeric_limits<float>::quiet_NaN());
+  CHECK_THROWS_WITH(psft::asft_loss_from_logits(l32, bad, labels, 0.07, o, lo),
+                    Catch::Contains("ref_logits at token 6"));
+  Tensor ignored = r32.clone();
+  ignored.index_put_({0, 1, 5}, std::numeric_limits<float>::quiet_NaN());
+  CHECK(
+      psft::asft_loss_from_logits(l32, ignored, labels, 0.07, o, lo).loss.isfinite().item<bool>());
+  // A policy entry of -inf where the reference has mass: the KL is +inf, refused.
+  Tensor hole = l32.clone();
+  hole.index_put_({2, 0, 11}, -std::numeric_limits<float>::infinity());
+  CHECK_THROWS_WITH(psft::asft_loss_from_logits(hole, r32, labels, 0.07, o, lo),
+                    Catch::Contains("anchor KL is NaN or Inf"));
+  // Bitwise independent of the thread count.
+  {
+    const int threads = at::get_num_threads();
+    at::set_num_threads(1);
+    const Tensor one = l32.clone().requires_grad_(true);
+    const psft::AsftLossResult r1 = psft::asft_loss_from_logits(one, r32, labels, 0.07, o, lo);
+    r1.loss.backward();
+    at::set_num_threads(std::max(2, threads));
+    const Tensor two = l32.clone().requires_grad_(true);
+    const psft::AsftLossResult r2 = psft::asft_loss_from_logits(two, r32, labels, 0.07, o, lo);
+    r2.loss.backward();
+    at::set_num_threads(threads);
+    CHECK(torch::equal(r1.kl, r2.kl));
+    CHECK(torch::equal(one.grad(), two.grad()));
+  }
+}

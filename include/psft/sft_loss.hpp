@@ -240,18 +240,22 @@ struct AsftLossResult {
 ///   KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v)),
 ///
 /// both aggregated by opts.reduction with opts.normaliser (kl_coef 0.05 to
-/// 0.1 in the paper). The DFT term runs through the fused logits pass; the
-/// anchor through ATen ops over chunks of rows (logits_opts.
-/// composed_chunk_bytes per float temporary), which keep no [tokens, V]
-/// tensor beyond a chunk and recompute both softmaxes in backward: it reads
-/// both logits twice, a fused pass would read them once. The gradient flows
-/// to logits only; ref_logits is a constant.
+/// 0.1 in the paper). On the CPU, with ref_logits of logits' dtype, both
+/// terms come from one fused pass over the two rows (cpu/anchor_kl.hpp):
+/// forward reads each logit once, backward once more and writes d logits
+/// once. Otherwise (CUDA, mixed dtypes, Backend::Composed) the DFT term runs
+/// through the logits pass and the anchor through ATen ops over chunks of
+/// rows (logits_opts.composed_chunk_bytes per float temporary), which keep
+/// no [tokens, V] tensor beyond a chunk. The gradient flows to logits only;
+/// ref_logits is a constant.
 /// \param logits      [B, T, V] or [N, V] policy logits (see token_logprobs).
 /// \param ref_logits  the reference model's logits, same shape (any float dtype).
 /// \param labels      int64, logits' shape without V; ignore_index is not scored.
 /// \param kl_coef     the anchor's weight lambda, finite and >= 0.
 /// \param opts        reduction, normaliser, check_finite (as sft_loss).
-/// \param logits_opts ignore_index, temperature, composed_chunk_bytes, backend.
+/// \param logits_opts ignore_index, temperature, composed_chunk_bytes, backend,
+///                    check_inputs (the fused pass also rejects a NaN, +inf or
+///                    all -inf row of ref_logits at a scored token).
 /// \throws c10::Error naming the argument on bad input.
 inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::Tensor& ref_logits,
                                             const at::Tensor& labels, double kl_coef = 0.05,
@@ -268,15 +272,49 @@ inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::
   TORCH_CHECK(ref_logits.device() == logits.device(), api, ": ref_logits is on ",
               ref_logits.device(), " but logits is on ", logits.device());
   TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff is not part of ASFT");
-  const SftLogitsLossResult dft =
-      sft_loss_from_logits(logits, labels, SftVariant::Dft, opts, logits_opts);
-  const at::Tensor scored = labels != logits_opts.ignore_index;
+  // Labels and options first, before any logit is read.
+  const at::Tensor flat_labels =
+      detail::check_logits_inputs(api, logits, labels, logits_opts).reshape({-1});
   const std::int64_t vocab = logits.size(-1);
-  const at::Tensor kl =
-      autograd::AnchorKlFunction::apply(
-          logits.reshape({-1, vocab}), ref_logits.detach().reshape({-1, vocab}),
-          scored.reshape({-1}), logits_opts.temperature, logits_opts.composed_chunk_bytes)
-          .reshape(labels.sizes());
+  const at::Tensor scored = labels != logits_opts.ignore_index;
+  SftLogitsLossResult dft;
+  at::Tensor kl;
+  if (detail::logits_backend_for(logits, logits_opts.backend) == Backend::FusedCpu &&
+      ref_logits.scalar_type() == logits.scalar_type()) {
+    // One fused pass over both rows (cpu/anchor_kl.hpp).
+    const at::Tensor policy = detail::vocab_contiguous(logits);
+    const at::Tensor reference = detail::vocab_contiguous(ref_logits.detach());
+    TokenLogprobs t;
+    t.backend = Backend::FusedCpu;
+    if (logits.requires_grad() && torch::autograd::GradMode::is_enabled()) {
+      const auto outs =
+          autograd::FusedAnchorFunction::apply(policy, reference, flat_labels, logits_opts, api);
+      t.logp = outs[0];
+      t.entropy = outs[1];
+      kl = outs[2];
+    } else {
+      const at::TensorOptions acc =
+          flat_labels.options().dtype(detail::logits_accumulate_type(logits.scalar_type()));
+      t.logp = at::empty(flat_labels.sizes(), acc);
+      t.entropy = at::empty(flat_labels.sizes(), acc);
+      kl = at::empty(flat_labels.sizes(), acc);
+      cpu::anchor_kl_forward(api, policy.detach(), reference, flat_labels, logits_opts, t.logp,
+                             t.entropy, kl, at::Tensor());
+    }
+    t.logp = t.logp.reshape(labels.sizes());
+    t.entropy = t.entropy.reshape(labels.sizes());
+    kl = kl.reshape(labels.sizes());
+    dft = detail::sft_loss_from_token_logprobs(api, t, labels, SftVariant::Dft, opts,
+                                               logits_opts.ignore_index);
+  } else {
+    // Other devices, mixed dtypes, Backend::Composed: the fused logits pass
+    // for DFT and ATen ops over chunks of rows for the anchor.
+    dft = sft_loss_from_logits(logits, labels, SftVariant::Dft, opts, logits_opts);
+    kl = autograd::AnchorKlFunction::apply(
+             logits.reshape({-1, vocab}), ref_logits.detach().reshape({-1, vocab}),
+             scored.reshape({-1}), logits_opts.temperature, logits_opts.composed_chunk_bytes)
+             .reshape(labels.sizes());
+  }
   if (opts.check_finite) {
     TORCH_CHECK(
         at::logical_and(scored, kl.detach().isfinite().logical_not()).any().item<bool>() == false,

@@ -40,7 +40,11 @@ inline at::Tensor anchor_kl_forward(const at::Tensor& logits, const at::Tensor& 
     const at::Tensor lp = at::log_softmax(logits.narrow(0, begin, rows).to(acc) / temperature, -1);
     const at::Tensor lr =
         at::log_softmax(ref_logits.narrow(0, begin, rows).to(acc) / temperature, -1);
-    kl.narrow(0, begin, rows).copy_((lr.exp() * (lr - lp)).sum(-1));
+    // A reference entry of probability zero adds exactly 0, even where the
+    // policy's logit is -inf too (a masked vocabulary entry: 0 * NaN otherwise).
+    const at::Tensor q = lr.exp();
+    kl.narrow(0, begin, rows)
+        .copy_(at::where(q > 0, q * (lr - lp), at::zeros({}, q.options())).sum(-1));
   }
   return at::where(scored, kl, at::zeros({}, kl.options()));
 }

@@ -165,6 +165,31 @@ PSFT_HOST_DEVICE inline T token_logprob_grad(T y, bool is_label, T log_sum, T me
   return onehot - p * (grad_logp + grad_entropy * (y - mean_shifted));
 }
 
+// Note [Anchor KL from row statistics]
+// KL(q || p) of the softmaxes of two rows zq (the reference) and zp (the
+// policy), p = softmax(zp), q = softmax(zq), is
+//   sum_v q_v (log q_v - log p_v) = E_q[zq - zp] - logsumexp(zq) + logsumexp(zp),
+// so one pass over both rows needs the two rows' OnlineSoftmax statistics and
+// G = sum_v e^{zq_v - m_q} (zq_v - zp_v) relative to q's max, with q's cutoff
+// (Note [Softmax cutoff]): a reference entry of probability zero adds exactly
+// 0, even where zp_v is -inf. G of blocks merges like S. A policy entry of -inf
+// where q has mass makes G and the KL +inf, as the true KL is.
+
+/// KL(q || p) from the statistics of p's row, q's row and q's G (Note [Anchor
+/// KL from row statistics]).
+template <class T>
+PSFT_HOST_DEVICE inline T anchor_kl(const OnlineSoftmax<T>& p, const OnlineSoftmax<T>& q, T gap) {
+  return gap / q.sum - q.logsumexp() + p.logsumexp();
+}
+
+/// d KL(q || p) / dzp_v = p_v - q_v and d log p_l / dzp_v = [v = l] - p_v, so
+/// d(grad_logp log p_l + grad_kl KL) / dzp_v for p_v, q_v and whether v is the
+/// label l. The caller multiplies by 1 / temperature.
+template <class T>
+PSFT_HOST_DEVICE inline T anchor_logprob_grad(T p, T q, bool is_label, T grad_logp, T grad_kl) {
+  return (grad_kl - grad_logp) * p - grad_kl * q + (is_label ? grad_logp : T(0));
+}
+
 // Note [Out-of-range labels]
 // With LogitsOptions::check_inputs off, nothing stops a label outside
 // [0, V). Every backend then reads (and in backward writes the one-hot term

@@ -41,6 +41,25 @@ inline LogitsRows logits_rows(const at::Tensor& logits) {
   return v;
 }
 
+/// Raises c10::Error (prefixed by api) for what the forward kernel reported,
+/// when opts.check_inputs: a label outside [0, V), a NaN or +inf logit, an
+/// all -inf row.
+inline void check_forward_status(const char* api, const LogitsForwardStatus& status,
+                                 std::int64_t vocab, const LogitsOptions& opts) {
+  if (!opts.check_inputs) return;
+  TORCH_CHECK(status.first_bad_label_row < 0, api, ": labels at token ", status.first_bad_label_row,
+              " is outside [0, ", vocab, ") and not ignore_index (", opts.ignore_index, ")");
+  TORCH_CHECK(status.first_nonfinite_row < 0, api, ": logits has a NaN or +inf entry at token ",
+              status.first_nonfinite_row,
+              " (flat index over the leading dimensions; rows whose label is ignore_index are "
+              "not read)");
+  TORCH_CHECK(status.first_all_neg_inf_row < 0, api, ": logits at token ",
+              status.first_all_neg_inf_row,
+              " is -inf over the whole vocabulary, so its softmax is undefined; give that "
+              "token the label ignore_index (",
+              opts.ignore_index, ")");
+}
+
 /// Forward: writes logp and entropy (contiguous, labels' numel, float32 or
 /// float64 for float64 logits) and, when stats is defined, the [N, 3]
 /// per-row statistics backward needs. labels is contiguous int64. Raises c10::Error (prefixed by
@@ -68,18 +87,7 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
               stats.defined() ? stats.data_ptr<float>() : nullptr);
         }
       });
-  if (!opts.check_inputs) return;
-  TORCH_CHECK(status.first_bad_label_row < 0, api, ": labels at token ", status.first_bad_label_row,
-              " is outside [0, ", rows.vocab, ") and not ignore_index (", opts.ignore_index, ")");
-  TORCH_CHECK(status.first_nonfinite_row < 0, api, ": logits has a NaN or +inf entry at token ",
-              status.first_nonfinite_row,
-              " (flat index over the leading dimensions; rows whose label is ignore_index are "
-              "not read)");
-  TORCH_CHECK(status.first_all_neg_inf_row < 0, api, ": logits at token ",
-              status.first_all_neg_inf_row,
-              " is -inf over the whole vocabulary, so its softmax is undefined; give that "
-              "token the label ignore_index (",
-              opts.ignore_index, ")");
+  check_forward_status(api, status, rows.vocab, opts);
 }
 
 /// Backward: d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in
