@@ -82,20 +82,46 @@ at::Tensor aggregate(const at::Tensor& l, const at::Tensor& m, psft::Reduction r
   return {};
 }
 
+/// log_softmax((hidden @ weight^T + bias) / temperature) in double; the
+/// double leaves hidden, weight (and bias) are appended to inputs, when given.
+at::Tensor head_log_softmax(const at::Tensor& hidden, const at::Tensor& weight,
+                            const at::Tensor& bias, double temperature,
+                            std::vector<at::Tensor>* inputs) {
+  const bool grad = inputs != nullptr;
+  const at::Tensor h = hidden.detach().to(at::kDouble).requires_grad_(grad);
+  const at::Tensor w = weight.detach().to(at::kDouble).requires_grad_(grad);
+  const at::Tensor b = bias.defined() ? bias.detach().to(at::kDouble).requires_grad_(grad) : bias;
+  if (grad) {
+    inputs->push_back(h);
+    inputs->push_back(w);
+    if (b.defined()) inputs->push_back(b);
+  }
+  at::Tensor z = at::matmul(h, w.t());
+  if (b.defined()) z = z + b;
+  return at::log_softmax(z / temperature, -1);
+}
+
+/// Fills o's gradients of o.loss wrt inputs (hidden, weight[, bias]) and
+/// its per-token values.
+void finish(Out& o, const std::vector<at::Tensor>& inputs, const at::Tensor& logp,
+            const at::Tensor& per_token) {
+  const auto g = torch::autograd::grad({o.loss}, inputs);
+  o.g_hidden = g[0];
+  o.g_weight = g[1];
+  if (inputs.size() > 2) o.g_bias = g[2];
+  o.logp = logp.detach();
+  o.entropy = per_token.detach();
+}
+
 /// hidden [B, T, H], weight [V, H], bias [V] or undefined, labels [B, T],
 /// old [B, T] or undefined (on-policy), adv [B] or undefined (A = 1).
 Out evaluate(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
              const at::Tensor& labels, const at::Tensor& old, const at::Tensor& adv,
              const Setup& s) {
   Out o;
-  const at::Tensor h = hidden.detach().to(at::kDouble).requires_grad_(true);
-  const at::Tensor w = weight.detach().to(at::kDouble).requires_grad_(true);
-  const at::Tensor b = bias.defined() ? bias.detach().to(at::kDouble).requires_grad_(true) : bias;
-  const std::int64_t B = labels.size(0), T = labels.size(1), V = weight.size(0);
-  at::Tensor z = at::matmul(h, w.t());
-  if (b.defined()) z = z + b;
-  z = z / s.temperature;
-  const at::Tensor lsm = at::log_softmax(z, -1);
+  std::vector<at::Tensor> inputs;
+  const at::Tensor lsm = head_log_softmax(hidden, weight, bias, s.temperature, &inputs);
+  const std::int64_t B = labels.size(0), T = labels.size(1);
   const at::Tensor m = labels != kIgnore;
   const at::Tensor safe_labels = at::where(m, labels, at::zeros_like(labels));
   const at::Tensor zero = at::zeros({}, lsm.options());
@@ -117,15 +143,31 @@ Out evaluate(const at::Tensor& hidden, const at::Tensor& weight, const at::Tenso
   l = at::where(m, l, zero);
   o.loss = aggregate(l, m, s.reduction);
   if (s.entropy_coeff != 0) o.loss = o.loss - s.entropy_coeff * aggregate(entropy, m, s.reduction);
-  std::vector<at::Tensor> inputs = {h, w};
-  if (b.defined()) inputs.push_back(b);
-  const auto g = torch::autograd::grad({o.loss}, inputs);
-  o.g_hidden = g[0];
-  o.g_weight = g[1];
-  if (b.defined()) o.g_bias = g[2];
-  o.logp = logp.detach();
-  o.entropy = entropy.detach();
-  (void)V;
+  finish(o, inputs, logp, entropy);
+  return o;
+}
+
+/// ASFT: agg(-sg(p) log p) + kl_coef agg(KL(pi_ref || pi_theta)), the
+/// reference's head (ref_bias may be undefined) in double without gradient.
+/// Out's entropy holds the per-token KL.
+Out evaluate_asft(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
+                  const at::Tensor& ref_bias, const at::Tensor& labels, double kl_coef,
+                  const Setup& s) {
+  Out o;
+  std::vector<at::Tensor> inputs;
+  const at::Tensor lsm = head_log_softmax(hidden, weight, bias, s.temperature, &inputs);
+  const at::Tensor lq =
+      head_log_softmax(ref_hidden, ref_weight, ref_bias, s.temperature, nullptr).detach();
+  const at::Tensor m = labels != kIgnore;
+  const at::Tensor zero = at::zeros({}, lsm.options());
+  const at::Tensor logp = at::where(
+      m, lsm.gather(2, at::where(m, labels, at::zeros_like(labels)).unsqueeze(2)).squeeze(2), zero);
+  const at::Tensor q = lq.exp();
+  const at::Tensor kl = at::where(m, at::where(q > 0, q * (lq - lsm), zero).sum(-1), zero);
+  o.loss = aggregate(-logp.detach().exp() * logp, m, s.reduction) +
+           kl_coef * aggregate(kl, m, s.reduction);
+  finish(o, inputs, logp, kl);
   return o;
 }
 
@@ -309,6 +351,171 @@ TEST_CASE("sft_loss_from_hidden: Nll and Dft against the reference", "[hidden][p
                   "nll_mean");
     }
   }
+}
+
+/// The reference model's head for ASFT: hidden size H_ref = 5, V as p's,
+/// in dtype, requiring a gradient (which it must not receive).
+struct RefHead {
+  at::Tensor hidden, weight, bias;
+};
+
+RefHead make_ref_head(const Problem& p, at::ScalarType dtype, std::uint64_t seed) {
+  torch::manual_seed(seed);
+  const std::int64_t V = p.weight.size(0);
+  RefHead r;
+  r.hidden = torch::randn({p.labels.size(0), p.labels.size(1), 5}, torch::kDouble)
+                 .to(dtype)
+                 .requires_grad_(true);
+  r.weight = (torch::randn({V, 5}, torch::kDouble) * 0.8).to(dtype).requires_grad_(true);
+  r.bias = (torch::randn({V}, torch::kDouble) * 0.5).to(dtype).requires_grad_(true);
+  return r;
+}
+
+psft::AsftLossResult asft_of(const Problem& p, const RefHead& r, const psft::LossOptions& lo,
+                             const psft::HiddenOptions& o, double kl_coef = 0.1) {
+  return psft::asft_loss_from_hidden(p.hidden, p.weight, r.hidden, r.weight, p.labels, kl_coef, lo,
+                                     o, r.bias);
+}
+
+TEST_CASE("asft_loss_from_hidden: both heads fused, against the double reference",
+          "[hidden][parity][asft]") {
+  const Problem p = make_problem(3, 10, 6, 29, torch::kDouble, 41);
+  const at::Tensor m = p.labels != kIgnore;
+  for (const auto backend : {psft::Backend::Auto, psft::Backend::Composed}) {
+    for (const auto ref_dtype : {torch::kDouble, torch::kFloat}) {  // Float: the composed KL
+      const RefHead r = make_ref_head(p, ref_dtype, 42);
+      for (const auto reduction : {psft::Reduction::TokenMean, psft::Reduction::SeqMeanTokenMean}) {
+        for (const std::int64_t chunk : {1, 7, 100}) {
+          const double temperature = chunk == 7 ? 0.8 : 1.0;
+          INFO("backend " << static_cast<int>(backend) << ", ref " << ref_dtype << ", reduction "
+                          << static_cast<int>(reduction) << ", chunk " << chunk);
+          psft::LossOptions lo;
+          lo.reduction = reduction;
+          psft::HiddenOptions o = hidden_options(p, chunk, temperature);
+          o.backend = backend;
+          const psft::AsftLossResult got = asft_of(p, r, lo, o);
+          ref::Setup s;
+          s.reduction = reduction;
+          s.temperature = temperature;
+          const ref::Out want = ref::evaluate_asft(p.hidden, p.weight, p.bias, r.hidden, r.weight,
+                                                   r.bias, p.labels, 0.1, s);
+          // A float32 reference head rounds its logits by its GEMM, which
+          // the reference computes in double: float32's tolerance for it.
+          const double tol = ref_dtype == torch::kDouble ? 1e-10 : 2e-6;
+          check_close(got.loss, want.loss, tol, 1e-12, "loss");
+          check_close(got.logp, want.logp, 1e-10, 1e-12, "logp");
+          check_close(got.kl, want.entropy, tol, 1e-12, "kl");
+          check_close(got.kl_mean, want.entropy.sum() / m.sum(), tol, 1e-12, "kl_mean");
+          check_close(got.nll_mean, -want.logp.sum() / m.sum(), 1e-10, 1e-12, "nll_mean");
+          check_grads(grads_of(got.loss, p), want, tol, "asft");
+          // Without a gradient: the same chunks and GEMMs, the same loss.
+          torch::NoGradGuard no_grad;
+          CHECK(asft_of(p, r, lo, o).loss.item<double>() == got.loss.item<double>());
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("asft_loss_from_hidden: finite differences, dtypes, the reference gets no gradient",
+          "[hidden][asft]") {
+  SECTION("finite differences of the anchor in float64") {
+    // DFT's stop-gradient makes its gradient differ from its value's
+    // derivative, so the check is on the anchor: loss(kl_coef) - loss(0) is
+    // kl_coef agg(kl) in value, and its gradient the difference of the two.
+    const Problem p = make_problem(2, 5, 3, 11, torch::kDouble, 23);
+    const RefHead r = make_ref_head(p, torch::kDouble, 24);
+    psft::LossOptions lo;
+    lo.reduction = psft::Reduction::SeqMeanTokenMean;
+    const at::Tensor g = grads_of(asft_of(p, r, lo, hidden_options(p, 3), 0.5).loss, p).hidden -
+                         grads_of(asft_of(p, r, lo, hidden_options(p, 3), 0.0).loss, p).hidden;
+    const auto anchor_at = [&](const at::Tensor& h) {
+      Problem q = p;
+      q.hidden = h;
+      return asft_of(q, r, lo, hidden_options(p, 3), 0.5).loss.item<double>() -
+             asft_of(q, r, lo, hidden_options(p, 3), 0.0).loss.item<double>();
+    };
+    const double eps = 1e-6;
+    torch::NoGradGuard no_grad;
+    for (std::int64_t i = 0; i < p.hidden.numel(); i += 2) {
+      const at::Tensor plus = p.hidden.detach().clone(), minus = p.hidden.detach().clone();
+      plus.view({-1})[i] += eps;
+      minus.view({-1})[i] -= eps;
+      const double fd = (anchor_at(plus) - anchor_at(minus)) / (2 * eps);
+      const double an = g.reshape({-1})[i].item<double>();
+      INFO("hidden entry " << i);
+      CHECK(std::abs(fd - an) <= 1e-6 * std::abs(an) + 1e-8);
+    }
+  }
+  SECTION("float32 and bfloat16 within the stated tolerances") {
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      INFO(dtype);
+      const bool f32 = dtype == torch::kFloat;
+      const Problem p = make_problem(2, 9, 8, 1031, dtype, 25);
+      const RefHead r = make_ref_head(p, dtype, 26);
+      const psft::AsftLossResult got = asft_of(p, r, {}, hidden_options(p, 5));
+      ref::Setup s;
+      const ref::Out want = ref::evaluate_asft(p.hidden, p.weight, p.bias, r.hidden, r.weight,
+                                               r.bias, p.labels, 0.1, s);
+      check_close(got.loss, want.loss, f32 ? 2e-5 : 2e-2, f32 ? 2e-5 : 2e-2, "loss");
+      check_close(got.kl, want.entropy, f32 ? 2e-5 : 2e-2, f32 ? 2e-5 : 2e-2, "kl");
+      check_grads(grads_of(got.loss, p), want, f32 ? 2e-4 : 4e-2, "asft");
+    }
+  }
+  SECTION("the reference head is a constant; a fully ignored batch gives 0") {
+    Problem p = make_problem(2, 6, 4, 9, torch::kFloat, 27);
+    const RefHead r = make_ref_head(p, torch::kFloat, 28);
+    asft_of(p, r, {}, hidden_options(p, 4)).loss.backward();
+    CHECK(p.hidden.grad().defined());
+    CHECK_FALSE(r.hidden.grad().defined());
+    CHECK_FALSE(r.weight.grad().defined());
+    CHECK_FALSE(r.bias.grad().defined());
+    p.labels.fill_(kIgnore);
+    const psft::AsftLossResult z = asft_of(p, r, {}, hidden_options(p, 4));
+    CHECK(z.loss.item<double>() == 0.0);
+    const Grads g = grads_of(z.loss, p);
+    CHECK(g.hidden.abs().sum().item<double>() == 0.0);
+    CHECK(g.weight.abs().sum().item<double>() == 0.0);
+  }
+}
+
+TEST_CASE("asft_loss_from_hidden: bad inputs raise c10::Error naming the argument",
+          "[hidden][asft][errors]") {
+  const Problem p = make_problem(2, 4, 5, 11, torch::kFloat, 1);
+  const RefHead r = make_ref_head(p, torch::kFloat, 2);
+  const psft::HiddenOptions o = hidden_options(p, 0);
+  const auto fails = [&](const RefHead& bad, double kl_coef, const psft::LossOptions& lo,
+                         const std::string& needle) {
+    INFO(needle);
+    CHECK_THROWS_WITH(asft_of(p, bad, lo, o, kl_coef), Catch::Contains(needle));
+  };
+  RefHead bad = r;
+  bad.weight = torch::randn({10, 5});
+  fails(bad, 0.1, {}, "ref_weight must be the reference's LM head [V, H_ref] with weight's V = 11");
+  bad = r;
+  bad.hidden = torch::randn({2, 3, 5});
+  fails(bad, 0.1, {}, "ref_hidden must have hidden's leading shape [2, 4]");
+  bad = r;
+  bad.bias = torch::randn({10});
+  fails(bad, 0.1, {}, "ref_bias must have shape [11]");
+  bad = r;
+  bad.weight = r.weight.to(torch::kDouble);
+  fails(bad, 0.1, {}, "ref_weight is Double but ref_hidden is Float");
+  bad = r;
+  bad.hidden = at::Tensor();
+  fails(bad, 0.1, {}, "ref_hidden is an undefined tensor");
+  fails(r, -1.0, {}, "kl_coef must be finite and >= 0");
+  psft::LossOptions lo;
+  lo.entropy_coeff = 0.1;
+  fails(r, 0.1, lo, "entropy_coeff is not part of ASFT");
+  // A NaN in the reference's hidden state reaches its logits: named, with the chunk.
+  bad = r;
+  bad.hidden = r.hidden.detach().clone();
+  bad.hidden.view({-1})[0] = std::numeric_limits<float>::quiet_NaN();
+  Problem scored = p;
+  scored.labels = p.labels.clone().fill_(3);
+  CHECK_THROWS_WITH(asft_of(scored, bad, {}, o), Catch::Contains("ref_logits at token 0") &&
+                                                     Catch::Contains("hidden @ weight^T"));
 }
 
 TEST_CASE("token_logprobs_from_hidden: values and gradients of logp and entropy",

@@ -2,7 +2,8 @@
 /// \file
 /// The losses straight from the last hidden state, with the LM head fused
 /// in: token_logprobs_from_hidden, psft_loss_from_hidden,
-/// policy_loss_from_hidden and sft_loss_from_hidden. The logits are
+/// policy_loss_from_hidden, sft_loss_from_hidden and asft_loss_from_hidden
+/// (with the reference model's head fused in too). The logits are
 /// computed a chunk of tokens at a time and never exist whole, and neither
 /// does their gradient (Note [From hidden, chunked]). See docs/hidden.md.
 
@@ -23,10 +24,12 @@
 
 #include "psft/autograd/hidden_functions.hpp"
 #include "psft/backend.hpp"
+#include "psft/composed/anchor_kl.hpp"
 #include "psft/core/config.hpp"
 #include "psft/core/logits_options.hpp"
 #include "psft/core/options.hpp"
 #include "psft/core/reduction.hpp"
+#include "psft/cpu/anchor_kl.hpp"
 #include "psft/detail/checks.hpp"
 #include "psft/logits.hpp"
 #include "psft/policy_loss.hpp"
@@ -323,6 +326,141 @@ inline LogitsLossResult clipped_loss_from_hidden(const char* api, const at::Tens
   return run_clipped_hidden_loss(c, hidden, weight, labels, old_logp, advantages, loss_opts);
 }
 
+/// Runs sft_loss's rule (Nll or Dft) over the chunks of plan (labels:
+/// the caller's shape); on_result(the batch's SftLogitsLossResult, under
+/// no-grad) returns the loss's value.
+template <class OnResult>
+at::Tensor run_sft_hidden_loss(const char* api, const HiddenPlan& plan, const at::Tensor& hidden,
+                               const at::Tensor& weight, const at::Tensor& labels,
+                               SftVariant variant, const LossOptions& opts, OnResult&& on_result) {
+  const LossOptions sum_opts = token_sum_options(opts);
+  const auto token_loss = [&](const at::Tensor&, const at::Tensor& logp_c) {
+    return sft_loss(logp_c, at::Tensor(), variant, sum_opts).loss;
+  };
+  const auto finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
+    TokenLogprobs t;
+    t.logp = logp.view(labels.sizes());
+    t.entropy = entropy.view(labels.sizes());
+    t.backend = plan.backend;
+    at::NoGradGuard no_grad;
+    return on_result(
+        sft_loss_from_token_logprobs(api, t, labels, variant, opts, plan.opts.ignore_index));
+  };
+  return run_hidden_loss(plan, hidden, weight, labels != plan.opts.ignore_index, opts, token_loss,
+                         finish);
+}
+
+/// ASFT's per-row pass over the chunks of a from-hidden loss: each chunk's
+/// reference logits (ref_hidden @ ref_weight^T (+ ref_bias), no gradient)
+/// are computed beside the policy's, and give the anchor's KL with the
+/// label's log-probability and the entropy. With the fused CPU backend and
+/// one dtype, one pass over both rows (cpu/anchor_kl.hpp); otherwise the
+/// backend's logits kernels for logp and entropy and ATen ops for the KL
+/// (composed/anchor_kl.hpp). The largest temporaries are one chunk's two
+/// logits and its gradient.
+struct AnchorRows : RowPass {
+  const HiddenPlan* ref = nullptr;  ///< the reference head: the policy plan's rows and chunks
+  LogitsOptions opts;               ///< the per-row options
+  Backend backend = Backend::Auto;  ///< the policy's per-row backend
+  bool fused = false;               ///< one fused pass over both rows
+  at::Tensor kl;                    ///< [N] per-token KL (accumulation dtype), filled by forward
+  at::Tensor kl_grad;               ///< [N] d loss / d kl_t, or undefined (no gradient)
+  mutable std::int64_t start = 0;   ///< the last chunk's first row of the schedule
+  mutable at::Tensor ref_logits;    ///< the last chunk's reference logits
+  mutable at::Tensor stats;         ///< the last chunk's four numbers per row (fused)
+
+  void forward(const char* api, std::int64_t chunk_start, const at::Tensor& logits,
+               const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& entropy,
+               const at::Tensor& row_stats) const override {
+    const std::int64_t len = labels.size(0);
+    start = chunk_start;
+    {
+      at::NoGradGuard no_grad;
+      ref_logits = ref->chunk_logits(ref->chunk_hidden(start, len));
+    }
+    at::Tensor kl_c;
+    if (fused) {
+      kl_c = at::empty({len}, logp.options());
+      stats = at::empty({len, 4}, logp.options());
+      cpu::anchor_kl_forward(api, logits, ref_logits, labels, opts, logp, entropy, kl_c, stats);
+    } else {
+      run_token_logprobs_forward(api, logits, labels, opts, backend, logp, entropy, row_stats);
+      kl_c = composed::anchor_kl_forward(logits, ref_logits, all_scored(labels), opts.temperature,
+                                         opts.composed_chunk_bytes);
+    }
+    ref->scatter(kl, start, kl_c.to(kl.scalar_type()));
+  }
+
+  at::Tensor backward(const at::Tensor& logits, const at::Tensor& labels,
+                      const at::Tensor& row_stats, const at::Tensor& grad_logp,
+                      const at::Tensor& grad_entropy) const override {
+    TORCH_INTERNAL_ASSERT(!grad_entropy.defined(), "ASFT's entropy is a metric");
+    const at::Tensor gk =
+        kl_grad.defined() ? ref->gather(kl_grad, start, labels.size(0)).to(grad_logp.scalar_type())
+                          : at::Tensor();
+    if (fused) {
+      return cpu::anchor_kl_backward(logits, ref_logits, labels, stats, grad_logp, gk, opts);
+    }
+    at::Tensor grad = run_token_logprobs_backward(logits, labels, row_stats, grad_logp,
+                                                  at::Tensor(), opts, backend);
+    if (gk.defined()) {
+      grad.add_(composed::anchor_kl_backward(logits, ref_logits, all_scored(labels), gk,
+                                             opts.temperature, opts.composed_chunk_bytes));
+    }
+    return grad;
+  }
+
+  void finish_grad_hidden(at::Tensor&) const override {}
+
+  /// Every row of a chunk is scored (the plan multiplies only those).
+  static at::Tensor all_scored(const at::Tensor& labels) {
+    return at::ones(labels.sizes(), labels.options().dtype(at::kBool));
+  }
+};
+
+/// Checks the reference head of asft_loss_from_hidden against the policy's
+/// plan and returns its plan: the same rows and chunks over ref_hidden,
+/// ref_weight and ref_bias, all detached (the reference is a constant).
+inline HiddenPlan reference_plan(const char* api, const HiddenPlan& plan, const at::Tensor& hidden,
+                                 const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
+                                 const at::Tensor& ref_bias) {
+  TORCH_CHECK(ref_hidden.defined(), api, ": ref_hidden is an undefined tensor");
+  TORCH_CHECK(ref_weight.defined(), api, ": ref_weight is an undefined tensor");
+  check_float_tensor(api, "ref_hidden", ref_hidden);
+  check_float_tensor(api, "ref_weight", ref_weight);
+  TORCH_CHECK(ref_hidden.dim() == hidden.dim() && ref_hidden.sizes().slice(0, hidden.dim() - 1) ==
+                                                      hidden.sizes().slice(0, hidden.dim() - 1),
+              api, ": ref_hidden must have hidden's leading shape ",
+              hidden.sizes().slice(0, hidden.dim() - 1), " (any hidden size), got ",
+              ref_hidden.sizes());
+  const std::int64_t vocab = plan.weight.size(0);
+  TORCH_CHECK(
+      ref_weight.dim() == 2 && ref_weight.size(0) == vocab &&
+          ref_weight.size(1) == ref_hidden.size(-1),
+      api, ": ref_weight must be the reference's LM head [V, H_ref] with weight's V = ", vocab,
+      " and H_ref = ref_hidden.size(-1) = ", ref_hidden.size(-1), ", got ", ref_weight.sizes());
+  TORCH_CHECK(ref_weight.scalar_type() == ref_hidden.scalar_type(), api, ": ref_weight is ",
+              ref_weight.scalar_type(), " but ref_hidden is ", ref_hidden.scalar_type());
+  TORCH_CHECK(ref_hidden.device() == hidden.device() && ref_weight.device() == hidden.device(), api,
+              ": ref_hidden and ref_weight must be on hidden's device ", hidden.device(), ", got ",
+              ref_hidden.device(), " and ", ref_weight.device());
+  if (ref_bias.defined()) {
+    check_float_tensor(api, "ref_bias", ref_bias);
+    TORCH_CHECK(ref_bias.dim() == 1 && ref_bias.size(0) == vocab, api,
+                ": ref_bias must have shape [", vocab, "], got ", ref_bias.sizes());
+    TORCH_CHECK(ref_bias.scalar_type() == ref_weight.scalar_type(), api, ": ref_bias is ",
+                ref_bias.scalar_type(), " but ref_weight is ", ref_weight.scalar_type());
+    TORCH_CHECK(ref_bias.device() == hidden.device(), api, ": ref_bias is on ", ref_bias.device(),
+                " but hidden is on ", hidden.device());
+  }
+  HiddenPlan ref = plan;
+  ref.hidden = ref_hidden.detach().reshape({-1, ref_hidden.size(-1)});
+  ref.weight = ref_weight.detach();
+  ref.bias = ref_bias.defined() ? ref_bias.detach() : at::Tensor();
+  ref.rows = nullptr;
+  return ref;
+}
+
 }  // namespace detail
 
 /// log p of each label and the token entropy straight from the last hidden
@@ -411,23 +549,80 @@ inline SftLogitsLossResult sft_loss_from_hidden(const at::Tensor& hidden, const 
   HiddenOptions pass_opts = hidden_opts;
   if (opts.entropy_coeff != 0.0) pass_opts.entropy_grad = true;
   const detail::HiddenPlan plan = detail::hidden_plan(api, hidden, weight, labels, pass_opts);
-  const at::Tensor mask = labels != pass_opts.ignore_index;
-  const LossOptions sum_opts = detail::token_sum_options(opts);
   SftLogitsLossResult out;
-  const auto token_loss = [&](const at::Tensor&, const at::Tensor& logp_c) {
-    return sft_loss(logp_c, at::Tensor(), variant, sum_opts).loss;
-  };
-  const auto finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
-    TokenLogprobs t;
-    t.logp = logp.view(labels.sizes());
-    t.entropy = entropy.view(labels.sizes());
-    t.backend = plan.backend;
-    at::NoGradGuard no_grad;
-    out =
-        detail::sft_loss_from_token_logprobs(api, t, labels, variant, opts, pass_opts.ignore_index);
-    return out.loss;
-  };
-  out.loss = detail::run_hidden_loss(plan, hidden, weight, mask, opts, token_loss, finish);
+  out.loss = detail::run_sft_hidden_loss(api, plan, hidden, weight, labels, variant, opts,
+                                         [&](const SftLogitsLossResult& r) {
+                                           out = r;
+                                           return out.loss;
+                                         });
+  return out;
+}
+
+/// ASFT (as asft_loss_from_logits) straight from the last hidden states of
+/// the policy and of the reference model, with both LM heads fused in:
+/// each chunk of scored tokens gets its policy logits (hidden @ weight^T
+/// (+ hidden_opts.bias)) and its reference logits (ref_hidden @
+/// ref_weight^T (+ ref_bias)), and one pass over the two rows gives the
+/// label's log-probability, the KL(pi_ref || pi_theta) and the chunk's
+/// gradient, which the two GEMMs of psft_loss_from_hidden take to hidden,
+/// weight and bias. No [tokens, V] tensor is allocated; the largest
+/// temporaries are one chunk's two logits and its gradient. The reference
+/// is a constant: ref_hidden, ref_weight and ref_bias get no gradient.
+/// With the CPU's fused backend and ref_hidden of hidden's dtype the pass
+/// is cpu/anchor_kl.hpp's; otherwise (CUDA, Backend::Composed, mixed
+/// dtypes) the backend's logits kernels and ATen ops for the KL, chunk by
+/// chunk. The result's logp and kl are detached values.
+///
+/// \param hidden, weight, labels as token_logprobs_from_hidden
+/// \param ref_hidden the reference's last hidden states: hidden's leading
+///                   shape, any hidden size, any float dtype
+/// \param ref_weight the reference's LM head [V, H_ref] in ref_hidden's dtype
+/// \param kl_coef    the anchor's weight lambda, finite and >= 0
+/// \param opts       reduction, normaliser, check_finite (as sft_loss)
+/// \param hidden_opts ignore_index, temperature, check_inputs, backend, the
+///                   policy head's bias and the chunk size (HiddenOptions)
+/// \param ref_bias   the reference head's bias [V] in ref_weight's dtype, or
+///                   undefined
+/// \throws c10::Error naming the argument on bad input.
+inline AsftLossResult asft_loss_from_hidden(const at::Tensor& hidden, const at::Tensor& weight,
+                                            const at::Tensor& ref_hidden,
+                                            const at::Tensor& ref_weight, const at::Tensor& labels,
+                                            double kl_coef = 0.05, const LossOptions& opts = {},
+                                            const HiddenOptions& hidden_opts = {},
+                                            const at::Tensor& ref_bias = at::Tensor()) {
+  const char* api = "psft::asft_loss_from_hidden";
+  detail::check_asft_options(api, kl_coef, opts);
+  TORCH_CHECK(labels.defined(), api, ": labels is an undefined tensor");
+  const std::string options_error = core::loss_options_error(opts, static_cast<int>(labels.dim()));
+  TORCH_CHECK(options_error.empty(), api, ": ", options_error);
+  HiddenOptions pass_opts = hidden_opts;
+  pass_opts.entropy_grad = false;  // the entropy is a metric of ASFT
+  detail::HiddenPlan plan = detail::hidden_plan(api, hidden, weight, labels, pass_opts);
+  const detail::HiddenPlan ref =
+      detail::reference_plan(api, plan, hidden, ref_hidden, ref_weight, ref_bias);
+  const at::Tensor mask = labels != pass_opts.ignore_index;
+  const at::ScalarType acc = detail::logits_accumulate_type(hidden.scalar_type());
+
+  detail::AnchorRows rows;
+  rows.ref = &ref;
+  rows.opts = plan.opts;
+  rows.backend = plan.backend;
+  rows.fused =
+      plan.backend == Backend::FusedCpu && ref_hidden.scalar_type() == hidden.scalar_type();
+  rows.kl = at::zeros({plan.tokens}, plan.labels.options().dtype(acc));
+  if (torch::autograd::GradMode::is_enabled() &&
+      (detail::wants_grad(hidden) || detail::wants_grad(weight) || detail::wants_grad(plan.bias))) {
+    rows.kl_grad = (detail::token_scales(api, mask, opts) * kl_coef).to(acc);
+  }
+  plan.rows = &rows;
+
+  AsftLossResult out;
+  out.loss = detail::run_sft_hidden_loss(
+      api, plan, hidden, weight, labels, SftVariant::Dft, opts,
+      [&](const SftLogitsLossResult& dft) {
+        out = detail::asft_result(api, dft, rows.kl.view(labels.sizes()), mask, kl_coef, opts);
+        return out.loss;
+      });
   return out;
 }
 

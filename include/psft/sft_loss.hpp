@@ -232,6 +232,40 @@ struct AsftLossResult {
   at::Tensor kl;
 };
 
+namespace detail {
+
+/// ASFT's checks that need neither logits nor hidden states.
+inline void check_asft_options(const char* api, double kl_coef, const LossOptions& opts) {
+  TORCH_CHECK(std::isfinite(kl_coef) && kl_coef >= 0, api,
+              ": kl_coef must be finite and >= 0, got ", kl_coef);
+  TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff is not part of ASFT");
+}
+
+/// ASFT's result from DFT's and the per-token KL (labels' shape, 0 where
+/// not scored): loss = dft.loss + kl_coef x agg(kl), the KL's mean, and
+/// opts.check_finite's check of the KL.
+inline AsftLossResult asft_result(const char* api, const SftLogitsLossResult& dft,
+                                  const at::Tensor& kl, const at::Tensor& scored, double kl_coef,
+                                  const LossOptions& opts) {
+  if (opts.check_finite) {
+    TORCH_CHECK(
+        at::logical_and(scored, kl.detach().isfinite().logical_not()).any().item<bool>() == false,
+        api,
+        ": the anchor KL is NaN or Inf at a scored token (a NaN or +-inf in the reference's "
+        "logits?)");
+  }
+  AsftLossResult out;
+  out.loss =
+      dft.loss + kl_coef * aggregate_tokens(api, kl, scored, opts).to(dft.loss.scalar_type());
+  out.nll_mean = dft.nll_mean;
+  out.kl_mean = masked_nll_mean(-kl.detach(), scored);  // the mean of kl
+  out.logp = dft.logp;
+  out.kl = kl;
+  return out;
+}
+
+}  // namespace detail
+
 /// Anchored SFT (ASFT, Zhu et al. 2025, "Anchored Supervised Fine-Tuning"):
 /// DFT's loss with a KL anchor to a reference model (the model fine-tuning
 /// started from) over the whole vocabulary at every scored token,
@@ -262,8 +296,7 @@ inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::
                                             const LossOptions& opts = {},
                                             const LogitsOptions& logits_opts = {}) {
   const char* api = "psft::asft_loss_from_logits";
-  TORCH_CHECK(std::isfinite(kl_coef) && kl_coef >= 0, api,
-              ": kl_coef must be finite and >= 0, got ", kl_coef);
+  detail::check_asft_options(api, kl_coef, opts);
   TORCH_CHECK(ref_logits.defined(), api, ": ref_logits is an undefined tensor");
   TORCH_CHECK(logits.defined(), api, ": logits is an undefined tensor");
   detail::check_float_tensor(api, "ref_logits", ref_logits);
@@ -271,7 +304,6 @@ inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::
               logits.sizes(), ", got ", ref_logits.sizes());
   TORCH_CHECK(ref_logits.device() == logits.device(), api, ": ref_logits is on ",
               ref_logits.device(), " but logits is on ", logits.device());
-  TORCH_CHECK(opts.entropy_coeff == 0.0, api, ": entropy_coeff is not part of ASFT");
   // Labels and options first, before any logit is read.
   const at::Tensor flat_labels =
       detail::check_logits_inputs(api, logits, labels, logits_opts).reshape({-1});
@@ -315,21 +347,7 @@ inline AsftLossResult asft_loss_from_logits(const at::Tensor& logits, const at::
              scored.reshape({-1}), logits_opts.temperature, logits_opts.composed_chunk_bytes)
              .reshape(labels.sizes());
   }
-  if (opts.check_finite) {
-    TORCH_CHECK(
-        at::logical_and(scored, kl.detach().isfinite().logical_not()).any().item<bool>() == false,
-        api,
-        ": the anchor KL is NaN or Inf at a scored token (a NaN or +-inf in "
-        "ref_logits?)");
-  }
-  AsftLossResult out;
-  out.loss = dft.loss +
-             kl_coef * detail::aggregate_tokens(api, kl, scored, opts).to(dft.loss.scalar_type());
-  out.nll_mean = dft.nll_mean;
-  out.kl_mean = detail::masked_nll_mean(-kl.detach(), scored);  // the mean of kl
-  out.logp = dft.logp;
-  out.kl = kl;
-  return out;
+  return detail::asft_result(api, dft, kl, scored, kl_coef, opts);
 }
 
 /// iw-SFT's importance weight: per sequence or per token.

@@ -49,12 +49,14 @@ namespace detail {
 /// pass run one (HiddenLogprobsFunction's backward could not reach it).
 struct RowPass {
   virtual ~RowPass() = default;
-  /// Fills logp and entropy ([len]) and stats ([len, 3]) from a chunk's
-  /// logits [len, V'] and labels [len].
-  virtual void forward(const char* api, const at::Tensor& logits, const at::Tensor& labels,
-                       const at::Tensor& logp, const at::Tensor& entropy,
+  /// Fills logp and entropy ([len]) and stats ([len, 3], or undefined: no
+  /// backward follows) from the logits [len, V'] and labels [len] of the
+  /// chunk of the plan's rows [start, start + len).
+  virtual void forward(const char* api, std::int64_t start, const at::Tensor& logits,
+                       const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& entropy,
                        const at::Tensor& stats) const = 0;
-  /// The chunk's dlogits from the gradients of its logp and entropy.
+  /// The dlogits of the chunk forward saw last, from the gradients of its
+  /// logp and entropy (called at most once per chunk, right after forward).
   virtual at::Tensor backward(const at::Tensor& logits, const at::Tensor& labels,
                               const at::Tensor& stats, const at::Tensor& grad_logp,
                               const at::Tensor& grad_entropy) const = 0;
@@ -204,7 +206,7 @@ HiddenTokenValues run_hidden_chunks(const HiddenPlan& plan, const at::Tensor& st
     const at::Tensor stats_c = stats.defined() ? stats.narrow(0, start, len) : at::Tensor();
     const std::string api = plan.chunk_api(start);
     if (plan.rows) {
-      plan.rows->forward(api.c_str(), logits_c, labels_c, logp_c, entropy_c, stats_c);
+      plan.rows->forward(api.c_str(), start, logits_c, labels_c, logp_c, entropy_c, stats_c);
     } else {
       run_token_logprobs_forward(api.c_str(), logits_c, labels_c, plan.opts, plan.backend, logp_c,
                                  entropy_c, stats_c);

@@ -281,13 +281,13 @@ struct VocabParallelRows : ::psft::detail::RowPass {
   VocabParallelRows(const VocabShard& s, AllReduce r, const LogitsOptions& o, Backend b)
       : shard(s), all_reduce(std::move(r)), opts(o), backend(b) {}
 
-  void forward(const char* api, const at::Tensor& logits, const at::Tensor& labels,
+  void forward(const char* api, std::int64_t, const at::Tensor& logits, const at::Tensor& labels,
                const at::Tensor& logp, const at::Tensor& entropy,
                const at::Tensor& stats) const override {
     last = vocab_parallel_forward(api, logits, labels, shard, all_reduce, opts, backend);
     logp.copy_(last.logp.reshape({-1}));
     entropy.copy_(last.entropy.reshape({-1}));
-    stats.copy_(last.stats);
+    if (stats.defined()) stats.copy_(last.stats);
   }
 
   at::Tensor backward(const at::Tensor& logits, const at::Tensor&, const at::Tensor& stats,
