@@ -8,6 +8,11 @@
 //   psft_bench_logits --benchmark_filter=/32000    # the smaller vocabulary
 //   PSFT_BENCH_THREADS=4 psft_bench_logits         # threads (default 2)
 //
+// A third path, copy, is Tensor::copy_ of the logits into a buffer of their
+// size allocated once: the logits read once and a gradient's bytes written
+// once, all a fused forward + backward must move, so the physical ceiling.
+// The summary gives the fused path's time over the copy's.
+//
 // Benchmarks are named <path>/<dtype>/<tokens>/<vocab>. Each reports the
 // time of one forward + backward and, as the counter peak_extra_MB, the peak
 // resident memory of one call above what was resident before it (inputs
@@ -99,6 +104,21 @@ double composed_step(const Inputs& in) {
   return loss.item<double>();
 }
 
+/// The ceiling: the logits read once, a gradient-sized buffer written once.
+void bench_copy(benchmark::State& state, at::ScalarType dtype, std::int64_t tokens,
+                std::int64_t vocab) {
+  at::set_num_threads(bench_threads());
+  const Inputs in = make_inputs(dtype, tokens, vocab);
+  const at::Tensor src = in.logits.detach();
+  at::Tensor dst = at::empty_like(src);
+  dst.copy_(src);  // first touch outside the timing
+  for (auto _ : state) {
+    dst.copy_(src);
+    benchmark::DoNotOptimize(dst.data_ptr());
+  }
+  state.counters["threads"] = at::get_num_threads();
+}
+
 void bench_logits_loss(benchmark::State& state, bool fused, at::ScalarType dtype,
                        std::int64_t tokens, std::int64_t vocab) {
   at::set_num_threads(bench_threads());
@@ -156,6 +176,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         const auto it = run.counters.find(counter_name);
         return it == run.counters.end() ? -1.0 : it->second.value;
       };
+      if (path == "copy") {
+        e.copy_ms = ms;
+        continue;
+      }
       Side& side = path == "fused" ? e.fused : e.composed;
       side.ms = ms;
       side.peak_mb = counter("peak_extra_MB");
@@ -168,19 +192,30 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     std::printf(
         "\nSummary (%d threads): one forward + backward of the PSFT loss from logits. Peak: peak\n"
         "resident memory of one call above its inputs, MiB; beyond grad: the same less the\n"
-        "gradient that both paths return.\n"
-        "%-18s %9s %12s %8s %11s %14s %10s %12s %15s\n",
-        bench_threads(), "dtype/tokens/vocab", "fused ms", "composed ms", "speedup", "fused peak",
-        "composed peak", "peak ratio", "fused beyond", "composed beyond");
+        "gradient that both paths return. copy ms: the logits copied once (the ceiling);\n"
+        "of copy: fused ms over copy ms.\n"
+        "%-18s %9s %12s %8s %8s %8s %11s %14s %10s %12s %15s\n",
+        bench_threads(), "dtype/tokens/vocab", "fused ms", "composed ms", "speedup", "copy ms",
+        "of copy", "fused peak", "composed peak", "peak ratio", "fused beyond", "composed beyond");
     for (const auto& [key, e] : entries_) {
-      if (e.fused.ms < 0 || e.composed.ms < 0) continue;
+      if (e.fused.ms < 0) continue;  // other columns: -1 where not run
       const bool peaks = e.fused.peak_mb > 0 && e.composed.peak_mb > 0;
       const std::string ratio =
           peaks ? std::to_string(e.fused.peak_mb / e.composed.peak_mb).substr(0, 5) : "n/a";
-      std::printf("%-18s %9.1f %12.1f %7.2fx %11.0f %14.0f %10s %12.0f %15.0f\n", key.c_str(),
-                  e.fused.ms, e.composed.ms, e.composed.ms / e.fused.ms, e.fused.peak_mb,
-                  e.composed.peak_mb, ratio.c_str(), e.fused.beyond_grad_mb,
-                  e.composed.beyond_grad_mb);
+      // "-" where a path did not run (a --benchmark_filter left it out).
+      const auto field = [](double value, const char* format) {
+        if (value < 0) return std::string("-");
+        char text[32];
+        std::snprintf(text, sizeof(text), format, value);
+        return std::string(text);
+      };
+      std::printf("%-18s %9.1f %12s %8s %8s %8s %11.0f %14s %10s %12.0f %15s\n", key.c_str(),
+                  e.fused.ms, field(e.composed.ms, "%.1f").c_str(),
+                  field(e.composed.ms < 0 ? -1 : e.composed.ms / e.fused.ms, "%.2fx").c_str(),
+                  field(e.copy_ms, "%.1f").c_str(),
+                  field(e.copy_ms < 0 ? -1 : e.fused.ms / e.copy_ms, "%.2fx").c_str(),
+                  e.fused.peak_mb, field(e.composed.peak_mb, "%.0f").c_str(), ratio.c_str(),
+                  e.fused.beyond_grad_mb, field(e.composed.beyond_grad_mb, "%.0f").c_str());
     }
     std::fflush(stdout);
   }
@@ -191,6 +226,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   };
   struct Entry {
     Side fused, composed;
+    double copy_ms = -1;
   };
   std::map<std::string, Entry> entries_;
 };
@@ -213,6 +249,11 @@ int main(int argc, char** argv) {
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
       }
+      const std::string copy_name = std::string("psft_loss_from_logits/copy/") + dtype_name + "/" +
+                                    std::to_string(tokens) + "/" + std::to_string(vocab);
+      benchmark::RegisterBenchmark(copy_name.c_str(), bench_copy, dtype, tokens, vocab)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
     }
   }
   benchmark::Initialize(&argc, argv);

@@ -7,6 +7,8 @@
 #include <sstream>
 #include <string>
 
+#include "psft/cpu/gradient_buffers.hpp"
+
 namespace psft_bench {
 
 /// A field of /proc/self/status in bytes (VmRSS, VmHWM), or -1.
@@ -35,9 +37,12 @@ inline bool reset_peak_rss() {
 
 /// Peak resident bytes of fn() above the resident bytes before it, or -1
 /// (the kernel's high-water mark VmHWM, reset through /proc/self/clear_refs
-/// before the call and read after it).
+/// before the call and read after it). The gradient memory psft keeps for
+/// reuse is released first, so that the peak counts a gradient's allocation
+/// as a training loop's first step does.
 template <class F>
 double peak_extra_bytes(F&& fn) {
+  psft::cpu::release_gradient_buffers();
   if (!reset_peak_rss()) {
     fn();
     return -1;

@@ -25,6 +25,22 @@ fused time for the case and how much faster it is. Exits 0 without CUDA.
 
     python3 benchmarks/compile_baseline.py [--psft bench_cuda.txt] [--seconds N]
 
+With --cpu the same comparison runs on the CPU, with the thread count of
+PSFT_BENCH_THREADS (default 2, as the C++ benchmarks), wall-clock time per
+call (mean over at least 1 s, after warm-up), for the cases of the CPU
+benchmarks:
+
+  clipped/fwd_bwd/<dtype>/1048576
+      as above (psft_bench_policy_loss's size);
+  logits/psft_loss/<dtype>/4096x32000
+      the PSFT loss from [4096, 32000] logits as psft_bench_logits' composed
+      path writes it (log_softmax in float32, the label's log-probability,
+      the entropy as a metric, the token-mean clipped loss) and the gradient
+      of the logits.
+
+--psft FILE then takes psft_bench_logits' output (its summary's fused ms).
+scripts/bench-cpu.sh runs it after the C++ benchmarks on the same machine.
+
 With --seconds N no case is started after N seconds (torch.compile takes
 tens of seconds per case); those left print "not run (time budget)", so that
 what was measured is printed in full under an outer time limit
@@ -36,6 +52,7 @@ and the script goes on.
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -92,10 +109,18 @@ def token_logprobs(logits, labels):
     return torch.where(scored, logp, 0), torch.where(scored, entropy, 0)
 
 
-def time_ms(step):
-    """Mean GPU milliseconds per call, each call after an L2 flush."""
+def time_ms(step, device="cuda"):
+    """Mean GPU milliseconds per call, each call after an L2 flush; on the
+    CPU, mean wall-clock milliseconds per call over at least 1 s."""
     for _ in range(WARMUP_CALLS):
         step()
+    if device == "cpu":
+        times = []
+        while sum(times) < 1e3 and len(times) < MAX_CALLS:
+            begin = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - begin) * 1e3)
+        return sum(times) / len(times)
     torch.cuda.synchronize()
     properties = torch.cuda.get_device_properties(torch.cuda.current_device())
     l2_bytes = getattr(properties, "L2_cache_size", 64 << 20)
@@ -113,13 +138,13 @@ def time_ms(step):
     return sum(times) / len(times)
 
 
-def clipped_case(dtype):
+def clipped_case(dtype, device="cuda"):
     torch.manual_seed(0)
-    logp = torch.rand(TOKENS, device="cuda") * -5.0
-    old = (logp + torch.randn(TOKENS, device="cuda") * 0.2).clamp_max(0.0).to(dtype)
+    logp = torch.rand(TOKENS, device=device) * -5.0
+    old = (logp + torch.randn(TOKENS, device=device) * 0.2).clamp_max(0.0).to(dtype)
     logp = logp.to(dtype)
-    advantages = torch.randn(TOKENS, device="cuda").to(dtype)
-    mask = torch.rand(TOKENS, device="cuda") > 0.1
+    advantages = torch.randn(TOKENS, device=device).to(dtype)
+    mask = torch.rand(TOKENS, device=device) > 0.1
     x = logp.detach().clone().requires_grad_()
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
     nbytes = TOKENS * (4 * logp.element_size() + 1)
@@ -163,6 +188,66 @@ def logits_cases():
         (f"logits/fwd/{shape}", pass_bytes, token_logprobs, forward_steps),
         (f"logits/fwd_bwd/{shape}", 3 * pass_bytes, token_logprobs, backward_steps),
     ]
+
+
+CPU_TOKENS, CPU_VOCAB = 4096, 32000
+
+
+def logits_psft_loss(logits, labels, old_logp):
+    """psft_bench_logits' composed path: the PSFT loss from logits (token
+    mean) with the entropy and the high clip fraction as metrics."""
+    mask = labels != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    count = mask.sum(dtype=torch.float32).clamp_min(1)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    token_loss = torch.maximum(-ratio, -torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH))
+    loss = torch.where(mask, token_loss, 0).sum() / count
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy_mean = torch.where(mask, entropy, 0).sum() / count
+        clip_frac_high = ((ratio > 1 + EPS_HIGH) & mask).sum() / count
+    return loss, entropy_mean, clip_frac_high
+
+
+def cpu_logits_case(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(CPU_TOKENS, CPU_VOCAB) * 2).to(dtype)
+    labels = torch.randint(0, CPU_VOCAB, (CPU_TOKENS,))
+    labels.masked_fill_(torch.rand(CPU_TOKENS) < 0.1, IGNORE_INDEX)
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1))
+        old = logp.squeeze(-1) + (torch.rand(CPU_TOKENS) * 0.6 - 0.3)
+    x = logits.detach().requires_grad_()
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    # Read the logits once, write their gradient once.
+    nbytes = 2 * CPU_TOKENS * CPU_VOCAB * logits.element_size()
+
+    def steps(fn):
+        def step():
+            loss, entropy_mean, clip_frac_high = fn(x, labels, old)
+            (grad,) = torch.autograd.grad(loss, x)
+            return grad, entropy_mean, clip_frac_high
+
+        return step
+
+    return f"logits/psft_loss/{name}/{CPU_TOKENS}x{CPU_VOCAB}", nbytes, logits_psft_loss, steps
+
+
+def read_psft_cpu(path):
+    """Fused ms per case from psft_bench_logits' summary
+    ("<dtype>/<tokens>/<vocab> <fused ms> ...")."""
+    fused = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].count("/") == 2:
+                dtype, tokens, vocab = parts[0].split("/")
+                try:
+                    fused[f"logits/psft_loss/{dtype}/{tokens}x{vocab}"] = float(parts[1])
+                except ValueError:
+                    pass
+    return fused
 
 
 def hidden_loss(hidden, weight, labels, old_logp):
@@ -211,14 +296,14 @@ def read_psft(path):
     return fused
 
 
-def run_case(case, nbytes, fn, steps, psft_ms, out_of_time):
+def run_case(case, nbytes, fn, steps, psft_ms, out_of_time, device="cuda"):
     eager_ms = None
     for impl in ("eager", "compile"):
         if out_of_time():
             print(f"{case:<34} {impl:<8} not run (time budget)", flush=True)
             continue
         try:
-            ms = time_ms(steps(fn if impl == "eager" else torch.compile(fn)))
+            ms = time_ms(steps(fn if impl == "eager" else torch.compile(fn)), device)
             result = f"{ms:10.4f} {nbytes / (ms * 1e-3) / 1e9:9.0f}"
             if impl == "eager":
                 eager_ms = ms
@@ -233,7 +318,8 @@ def run_case(case, nbytes, fn, steps, psft_ms, out_of_time):
         except Exception as error:  # a failed compilation must not hide the other lines
             result = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
         print(f"{case:<34} {impl:<8} {result}", flush=True)
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main():
@@ -241,11 +327,16 @@ def main():
     parser.add_argument("--psft", metavar="FILE", help="psft_bench_cuda's output, for its fused times")
     parser.add_argument("--seconds", type=float, default=None,
                         help="start no case after this many seconds")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU cases, with PSFT_BENCH_THREADS threads (default 2)")
     args = parser.parse_args()
     start = time.monotonic()
 
     def out_of_time():
         return args.seconds is not None and time.monotonic() - start > args.seconds
+
+    if args.cpu:
+        return main_cpu(args, out_of_time)
 
     if not torch.cuda.is_available():
         print("compile_baseline: skipped: no CUDA device")
@@ -268,6 +359,38 @@ def main():
     for case, nbytes, fn, steps in hidden_cases():
         run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
     return 0
+
+
+def main_cpu(args, out_of_time):
+    threads = int(os.environ.get("PSFT_BENCH_THREADS", "2") or 2)
+    torch.set_num_threads(threads if threads > 0 else 2)
+    psft_ms = read_psft_cpu(args.psft) if args.psft else {}
+    print(f"compile_baseline: torch {torch.__version__}, CPU {cpu_model()}, "
+          f"{torch.get_num_threads()} threads; wall")
+    print("time per call, mean over >= 1 s. vs_eager = eager ms / this ms;")
+    print("psft_speedup = this ms / psft's fused ms.")
+    header = f"{'case':<34} {'impl':<8} {'ms':>10} {'GB/s':>9} {'vs_eager':>9}"
+    if psft_ms:
+        header += f" {'psft_fused_ms':>13} {'psft_speedup':>13}"
+    print(header, flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        case, nbytes, fn, steps = clipped_case(dtype, "cpu")
+        run_case(case, nbytes, fn, steps, psft_ms, out_of_time, "cpu")
+        case, nbytes, fn, steps = cpu_logits_case(dtype)
+        run_case(case, nbytes, fn, steps, psft_ms, out_of_time, "cpu")
+    return 0
+
+
+def cpu_model():
+    """/proc/cpuinfo's first model name, or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

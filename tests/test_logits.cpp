@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "psft/core/online_softmax.hpp"
+#include "psft/cpu/gradient_buffers.hpp"
 #include "psft/entropy.hpp"
 #include "psft/logits.hpp"
 
@@ -1179,4 +1180,68 @@ TEST_CASE("more than 2^31 bfloat16 logits: every row right", "[logits][large]") 
     REQUIRE(lab[ignored_row] == kIgnore);
     CHECK(grad[ignored_row].abs().max().item<double>() == 0.0);
   }
+}
+
+TEST_CASE("gradient buffers: reused after the gradient dies, never while it lives",
+          "[logits][buffers]") {
+  namespace cpu = psft::cpu;
+  cpu::release_gradient_buffers();
+  REQUIRE(cpu::kept_gradient_bytes() == 0);
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  SECTION("the pool's rules") {
+    // Below 2 MiB: at::empty, nothing kept.
+    { const at::Tensor small = cpu::empty_gradient({16, 1024}, f32); }
+    CHECK(cpu::kept_gradient_bytes() == 0);
+    void* first = nullptr;
+    {
+      const at::Tensor g = cpu::empty_gradient({1024, 1024}, f32);  // 4 MiB
+      first = g.data_ptr();
+      CHECK(reinterpret_cast<std::uintptr_t>(first) % (std::uintptr_t(2) << 20) == 0);
+      CHECK(g.is_contiguous());
+      CHECK(g.sizes() == at::IntArrayRef({1024, 1024}));
+      // Alive: a second request gets other memory.
+      const at::Tensor other = cpu::empty_gradient({1024, 1024}, f32);
+      CHECK(other.data_ptr() != first);
+    }
+    CHECK(cpu::kept_gradient_bytes() == std::size_t(8) << 20);
+    // The same size, and one at least half the block, reuse a kept block.
+    {
+      const at::Tensor again = cpu::empty_gradient({1024, 1024}, f32);
+      CHECK(cpu::kept_gradient_bytes() == std::size_t(4) << 20);
+      const at::Tensor smaller = cpu::empty_gradient({600, 1024}, f32);
+      CHECK(cpu::kept_gradient_bytes() == 0);
+      // Larger than every block: new memory.
+      const at::Tensor larger = cpu::empty_gradient({2048, 1024}, f32);
+      CHECK(larger.data_ptr() != again.data_ptr());
+      CHECK(larger.data_ptr() != smaller.data_ptr());
+    }
+    // At most two blocks are kept: the largest.
+    CHECK(cpu::kept_gradient_bytes() == (std::size_t(8) + 4) << 20);
+    CHECK(cpu::release_gradient_buffers() == (std::size_t(8) + 4) << 20);
+    CHECK(cpu::kept_gradient_bytes() == 0);
+  }
+  SECTION("backward through the logits pass reuses the memory and keeps values right") {
+    torch::manual_seed(5);
+    const at::Tensor labels = at::randint(0, 4096, {300}, at::kLong);
+    const auto grad_of = [&](const at::Tensor& logits) {
+      const at::Tensor leaf = logits.detach().requires_grad_(true);
+      const at::Tensor loss = psft::token_logprobs(leaf, labels).logp.sum();
+      return torch::autograd::grad({loss}, {leaf})[0];
+    };
+    const at::Tensor a = at::randn({300, 4096});  // 4.7 MiB of gradient
+    const at::Tensor b = at::randn({300, 4096});
+    at::Tensor ga = grad_of(a);
+    const at::Tensor ga_copy = ga.clone();
+    void* where = ga.data_ptr();
+    // While ga lives, b's gradient is elsewhere and ga is untouched.
+    const at::Tensor gb = grad_of(b);
+    CHECK(gb.data_ptr() != where);
+    CHECK(at::equal(ga, ga_copy));
+    // Once ga dies its memory serves the next gradient, with the right values.
+    ga = at::Tensor();
+    const at::Tensor ga2 = grad_of(a);
+    CHECK(ga2.data_ptr() == where);
+    CHECK(at::equal(ga2, ga_copy));
+  }
+  cpu::release_gradient_buffers();
 }

@@ -25,6 +25,7 @@
 #include "psft/core/config.hpp"
 #include "psft/core/logits_options.hpp"
 #include "psft/core/online_softmax.hpp"
+#include "psft/cpu/gradient_buffers.hpp"
 #include "psft/cpu/logits.hpp"
 #include "psft/cpu/logits_kernel.hpp"
 #include "psft/cpu/packet_warnings.hpp"
@@ -328,8 +329,7 @@ inline at::Tensor anchor_kl_backward(const at::Tensor& logits, const at::Tensor&
                                      const at::Tensor& labels, const at::Tensor& stats,
                                      const at::Tensor& grad_logp, const at::Tensor& grad_kl,
                                      const LogitsOptions& opts) {
-  at::Tensor grad =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_gradient(logits.sizes(), logits.options());  // Note [Gradient buffers]
   const LogitsRows rows = logits_rows(logits);
   if (rows.rows == 0 || rows.vocab == 0) return grad;
   const LogitsRows ref_rows = logits_rows(ref);

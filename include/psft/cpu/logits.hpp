@@ -15,6 +15,7 @@
 
 #include "psft/core/config.hpp"
 #include "psft/core/logits_options.hpp"
+#include "psft/cpu/gradient_buffers.hpp"
 #include "psft/cpu/logits_kernel.hpp"
 
 PSFT_NAMESPACE_BEGIN
@@ -97,8 +98,7 @@ inline at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Te
                                           const at::Tensor& stats, const at::Tensor& grad_logp,
                                           const at::Tensor& grad_entropy,
                                           const LogitsOptions& opts) {
-  at::Tensor grad =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_gradient(logits.sizes(), logits.options());  // Note [Gradient buffers]
   const LogitsRows rows = logits_rows(logits);
   if (rows.rows == 0 || rows.vocab == 0) return grad;
   const std::int64_t* label_data = labels.data_ptr<std::int64_t>();
