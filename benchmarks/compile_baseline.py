@@ -38,7 +38,8 @@ benchmarks:
       the entropy as a metric, the token-mean clipped loss) and the gradient
       of the logits.
 
---psft FILE then takes psft_bench_logits' output (its summary's fused ms).
+--psft FILE (repeatable) then takes psft_bench_logits' and
+psft_bench_policy_loss's outputs (their summaries' fused ms).
 scripts/bench-cpu.sh runs it after the C++ benchmarks on the same machine.
 
 With --seconds N no case is started after N seconds (torch.compile takes
@@ -234,17 +235,21 @@ def cpu_logits_case(dtype):
     return f"logits/psft_loss/{name}/{CPU_TOKENS}x{CPU_VOCAB}", nbytes, logits_psft_loss, steps
 
 
-def read_psft_cpu(path):
-    """Fused ms per case from psft_bench_logits' summary
-    ("<dtype>/<tokens>/<vocab> <fused ms> ...")."""
+def read_psft_cpu(paths):
+    """Fused ms per case from the summaries of psft_bench_logits
+    ("<dtype>/<tokens>/<vocab> <fused ms> ...") and psft_bench_policy_loss
+    ("<N> <dtype> <fused ms> ...")."""
     fused = {}
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].count("/") == 2:
-                dtype, tokens, vocab = parts[0].split("/")
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
                 try:
-                    fused[f"logits/psft_loss/{dtype}/{tokens}x{vocab}"] = float(parts[1])
+                    if len(parts) >= 2 and parts[0].count("/") == 2:
+                        dtype, tokens, vocab = parts[0].split("/")
+                        fused[f"logits/psft_loss/{dtype}/{tokens}x{vocab}"] = float(parts[1])
+                    elif len(parts) >= 3 and parts[0].isdigit() and parts[1] in ("fp32", "bf16"):
+                        fused[f"clipped/fwd_bwd/{parts[1]}/{parts[0]}"] = float(parts[2])
                 except ValueError:
                     pass
     return fused
@@ -296,6 +301,16 @@ def read_psft(path):
     return fused
 
 
+def print_header(timing, psft_ms):
+    """The table's legend (after the timing's description) and header."""
+    print(f"{timing} vs_eager = eager ms / this ms;")
+    print("psft_speedup = this ms / psft's fused ms.")
+    header = f"{'case':<34} {'impl':<8} {'ms':>10} {'GB/s':>9} {'vs_eager':>9}"
+    if psft_ms:
+        header += f" {'psft_fused_ms':>13} {'psft_speedup':>13}"
+    print(header, flush=True)
+
+
 def run_case(case, nbytes, fn, steps, psft_ms, out_of_time, device="cuda"):
     eager_ms = None
     for impl in ("eager", "compile"):
@@ -324,7 +339,9 @@ def run_case(case, nbytes, fn, steps, psft_ms, out_of_time, device="cuda"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--psft", metavar="FILE", help="psft_bench_cuda's output, for its fused times")
+    parser.add_argument("--psft", metavar="FILE", action="append",
+                        help="psft_bench_cuda's output, for its fused times (with --cpu: "
+                        "psft_bench_logits' or psft_bench_policy_loss's; may be repeated)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="start no case after this many seconds")
     parser.add_argument("--cpu", action="store_true",
@@ -341,16 +358,13 @@ def main():
     if not torch.cuda.is_available():
         print("compile_baseline: skipped: no CUDA device")
         return 0
-    psft_ms = read_psft(args.psft) if args.psft else {}
+    psft_ms = {}
+    for path in args.psft or []:
+        psft_ms.update(read_psft(path))
 
     device = torch.cuda.get_device_name()
     print(f"compile_baseline: torch {torch.__version__}, {device}; GPU time per call (CUDA events,")
-    print("L2 flushed before each call), mean over >= 0.1 s. vs_eager = eager ms / this ms;")
-    print("psft_speedup = this ms / psft's fused ms.")
-    header = f"{'case':<34} {'impl':<8} {'ms':>10} {'GB/s':>9} {'vs_eager':>9}"
-    if psft_ms:
-        header += f" {'psft_fused_ms':>13} {'psft_speedup':>13}"
-    print(header, flush=True)
+    print_header("L2 flushed before each call), mean over >= 0.1 s.", psft_ms)
     for dtype in (torch.bfloat16, torch.float32):
         case, nbytes, fn, steps = clipped_case(dtype)
         run_case(case, nbytes, fn, steps, psft_ms, out_of_time)
@@ -364,15 +378,10 @@ def main():
 def main_cpu(args, out_of_time):
     threads = int(os.environ.get("PSFT_BENCH_THREADS", "2") or 2)
     torch.set_num_threads(threads if threads > 0 else 2)
-    psft_ms = read_psft_cpu(args.psft) if args.psft else {}
+    psft_ms = read_psft_cpu(args.psft or [])
     print(f"compile_baseline: torch {torch.__version__}, CPU {cpu_model()}, "
           f"{torch.get_num_threads()} threads; wall")
-    print("time per call, mean over >= 1 s. vs_eager = eager ms / this ms;")
-    print("psft_speedup = this ms / psft's fused ms.")
-    header = f"{'case':<34} {'impl':<8} {'ms':>10} {'GB/s':>9} {'vs_eager':>9}"
-    if psft_ms:
-        header += f" {'psft_fused_ms':>13} {'psft_speedup':>13}"
-    print(header, flush=True)
+    print_header("time per call, mean over >= 1 s.", psft_ms)
     for dtype in (torch.float32, torch.bfloat16):
         case, nbytes, fn, steps = clipped_case(dtype, "cpu")
         run_case(case, nbytes, fn, steps, psft_ms, out_of_time, "cpu")

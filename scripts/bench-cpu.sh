@@ -5,7 +5,9 @@
 # tokens) built twice, as a consumer's default build (CMake Release, no
 # architecture flags) and with -march=native, then torch.compile and eager
 # PyTorch of the same math (benchmarks/compile_baseline.py --cpu) with the
-# same thread count, against the default build's fused times.
+# same thread count, against the default build's fused times. The default
+# build's from-logits pass is also run on each narrower instruction set
+# (PSFT_CPU_CAPABILITY=default, avx2).
 #
 #   ./scripts/bench-cpu.sh               # 2 threads
 #   PSFT_BENCH_THREADS=1 ./scripts/bench-cpu.sh
@@ -39,8 +41,16 @@ for build in default native; do
   "build/bench-$build/benchmarks/psft_bench_policy_loss" --benchmark_filter=/1048576 \
     --benchmark_repetitions=3 --benchmark_report_aggregates_only=true >"$out/policy-$build.txt"
 done
+# The default build's narrower paths (Note [Run-time ISA dispatch]): the
+# fused from-logits pass and the copy, forced to each.
+for cap in default avx2; do
+  echo "bench-cpu: default build, PSFT_CPU_CAPABILITY=$cap: psft_bench_logits" >&2
+  PSFT_CPU_CAPABILITY=$cap "build/bench-default/benchmarks/psft_bench_logits" \
+    '--benchmark_filter=(fused|copy)/.*/4096/32000' >"$out/logits-default-$cap.txt"
+done
 echo "bench-cpu: torch.compile and eager PyTorch" >&2
 "$venv/bin/python" benchmarks/compile_baseline.py --cpu --psft "$out/logits-default.txt" \
+  --psft "$out/policy-default.txt" \
   >"$out/compile_baseline.txt" 2>"$out/compile_baseline.err" || {
   echo "bench-cpu: compile_baseline.py failed; see $out/compile_baseline.err" >&2
   exit 1
@@ -52,6 +62,10 @@ for build in default native; do
   sed -n '/^Summary (/,$p' "$out/logits-$build.txt"
   echo "--- $build build: psft_bench_policy_loss"
   sed -n '/^Summary/,$p' "$out/policy-$build.txt"
+done
+for cap in default avx2; do
+  echo "--- default build, PSFT_CPU_CAPABILITY=$cap (capped at what the CPU runs)"
+  sed -n '/^dtype/,$p' "$out/logits-default-$cap.txt"
 done
 echo "--- torch.compile and eager (psft_speedup against the default build)"
 cat "$out/compile_baseline.txt"

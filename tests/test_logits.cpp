@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "psft/core/online_softmax.hpp"
+#include "psft/cpu/capability.hpp"
 #include "psft/cpu/gradient_buffers.hpp"
 #include "psft/entropy.hpp"
 #include "psft/logits.hpp"
@@ -579,8 +580,8 @@ TEST_CASE("lr = 0 round trip: ratio exactly 1 and nothing clipped", "[logits][ro
   }
 }
 
-TEST_CASE("results do not depend on the thread count", "[logits]") {
-  torch::manual_seed(7);
+/// token_logprobs' values and gradient are bitwise equal at 1 and 2+ threads.
+static void check_thread_independent() {
   const at::Tensor logits = random_logits({8, 16, 5000}, at::kBFloat16);
   const at::Tensor labels = random_labels({8, 16}, 5000);
   const int threads = at::get_num_threads();
@@ -595,6 +596,11 @@ TEST_CASE("results do not depend on the thread count", "[logits]") {
   const auto many = run(std::max(2, threads));
   at::set_num_threads(threads);
   for (std::size_t i = 0; i < one.size(); ++i) CHECK(torch::equal(one[i], many[i]));
+}
+
+TEST_CASE("results do not depend on the thread count", "[logits]") {
+  torch::manual_seed(7);
+  check_thread_independent();
 }
 
 // ---------------------------------------------------------------------------
@@ -1244,4 +1250,50 @@ TEST_CASE("gradient buffers: reused after the gradient dies, never while it live
     CHECK(at::equal(ga2, ga_copy));
   }
   cpu::release_gradient_buffers();
+}
+
+TEST_CASE("every instruction set this CPU runs: values, gradient, -inf, threads", "[logits][isa]") {
+  namespace cpu = psft::cpu;
+  const cpu::CpuCapability saved = cpu::cpu_capability();
+  INFO("this CPU: up to " << cpu::capability_name(cpu::detected_cpu_capability()));
+  CHECK_THROWS_WITH(cpu::set_cpu_capability(static_cast<cpu::CpuCapability>(3)),
+                    Catch::Contains("set_cpu_capability"));
+  for (int level = 0; level <= static_cast<int>(cpu::detected_cpu_capability()); ++level) {
+    const auto c = static_cast<cpu::CpuCapability>(level);
+    cpu::set_cpu_capability(c);
+    REQUIRE(cpu::cpu_capability() == c);
+    torch::manual_seed(11);
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      for (const std::int64_t vocab : {7, 4099}) {  // 4099: two blocks and a ragged tail
+        for (const double temperature : {1.0, 0.7}) {
+          INFO(cpu::capability_name(c)
+               << " " << dtype_name(dtype) << " V=" << vocab << " T=" << temperature);
+          const at::Tensor logits = random_logits({3, 5, vocab}, dtype);
+          // A masked vocabulary entry in every row: probability 0, gradient 0.
+          {
+            at::NoGradGuard no_grad;
+            logits.select(2, 1).fill_(-std::numeric_limits<float>::infinity());
+          }
+          const at::Tensor labels = random_labels({3, 5}, vocab);
+          const at::Tensor safe = at::where(labels == 1, at::zeros_like(labels), labels);
+          const psft::TokenLogprobs out = psft::token_logprobs(
+              logits, safe, logits_options(psft::Backend::FusedCpu, temperature, true));
+          const std::vector<std::int64_t> lab = to_labels(safe);
+          const ref::Logits l = ref::from_tensor(logits, temperature);
+          const ref::Softmax s = ref::softmax(l, lab);
+          require_close(to_vec(out.logp), s.logp, value_tol(dtype), "logp");
+          require_close(to_vec(out.entropy), s.entropy, value_tol(dtype), "entropy");
+          const at::Tensor g = at::randn(safe.sizes(), out.logp.options());
+          const at::Tensor h = at::randn(safe.sizes(), out.logp.options());
+          ((out.logp * g).sum() + (out.entropy * h).sum()).backward();
+          const Vec want = ref::logits_grad(l, lab, s, to_vec(g), to_vec(h), temperature);
+          require_close(to_vec(logits.grad()), want, grad_tol(dtype), "grad");
+          CHECK(logits.grad().select(2, 1).abs().sum().item<double>() == 0.0);
+        }
+      }
+    }
+    // Bitwise independent of the thread count on every path.
+    check_thread_independent();
+  }
+  cpu::set_cpu_capability(saved);
 }

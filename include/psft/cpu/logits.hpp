@@ -17,6 +17,7 @@
 #include "psft/core/logits_options.hpp"
 #include "psft/cpu/gradient_buffers.hpp"
 #include "psft/cpu/logits_kernel.hpp"
+#include "psft/cpu/simd_blocks.hpp"
 
 PSFT_NAMESPACE_BEGIN
 namespace cpu {
@@ -40,6 +41,34 @@ inline LogitsRows logits_rows(const at::Tensor& logits) {
   }
   if (v.inner_size == 0) v.inner_size = 1;  // no rows; keeps offset() free of 0 / 0
   return v;
+}
+
+/// f(blocks) with the float block functions of the instruction set in use
+/// (Note [Run-time ISA dispatch]).
+template <class F>
+decltype(auto) with_float_blocks(F&& f) {
+#if PSFT_ISA_DISPATCH
+  switch (cpu_capability()) {
+    case CpuCapability::Avx512:
+      return f(simd_avx512::Blocks{});
+    case CpuCapability::Avx2:
+      return f(simd_avx2::Blocks{});
+    default:
+      break;
+  }
+#endif
+  return f(kernel_detail::EigenBlocks{});
+}
+
+/// f(blocks) with the block functions for acc_t: the dispatched float ones,
+/// Eigen's for double.
+template <class acc_t, class F>
+void with_blocks(F&& f) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    with_float_blocks(f);
+  } else {
+    f(kernel_detail::EigenBlocks{});
+  }
 }
 
 /// Raises c10::Error (prefixed by api) for what the forward kernel reported,
@@ -82,10 +111,12 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
               rows, label_data, opts.ignore_index, 1.0 / opts.temperature, logp.data_ptr<double>(),
               entropy.data_ptr<double>(), stats.defined() ? stats.data_ptr<double>() : nullptr);
         } else {
-          status = token_logprobs_forward<scalar_t, float>(
-              rows, label_data, opts.ignore_index, static_cast<float>(1.0 / opts.temperature),
-              logp.data_ptr<float>(), entropy.data_ptr<float>(),
-              stats.defined() ? stats.data_ptr<float>() : nullptr);
+          status = with_float_blocks([&](auto blocks) {
+            return token_logprobs_forward<scalar_t, float, decltype(blocks)>(
+                rows, label_data, opts.ignore_index, static_cast<float>(1.0 / opts.temperature),
+                logp.data_ptr<float>(), entropy.data_ptr<float>(),
+                stats.defined() ? stats.data_ptr<float>() : nullptr);
+          });
         }
       });
   check_forward_status(api, status, rows.vocab, opts);
@@ -106,11 +137,14 @@ inline at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Te
       at::kHalf, at::kBFloat16, logits.scalar_type(), "psft_token_logprobs_backward", [&] {
         using acc_t =
             typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
-        token_logprobs_backward<scalar_t, acc_t>(
-            rows, label_data, opts.ignore_index, static_cast<acc_t>(1.0 / opts.temperature),
-            stats.data_ptr<acc_t>(), grad_logp.defined() ? grad_logp.data_ptr<acc_t>() : nullptr,
-            grad_entropy.defined() ? grad_entropy.data_ptr<acc_t>() : nullptr,
-            grad.data_ptr<scalar_t>());
+        const auto run = [&](auto blocks) {
+          token_logprobs_backward<scalar_t, acc_t, decltype(blocks)>(
+              rows, label_data, opts.ignore_index, static_cast<acc_t>(1.0 / opts.temperature),
+              stats.data_ptr<acc_t>(), grad_logp.defined() ? grad_logp.data_ptr<acc_t>() : nullptr,
+              grad_entropy.defined() ? grad_entropy.data_ptr<acc_t>() : nullptr,
+              grad.data_ptr<scalar_t>());
+        };
+        with_blocks<acc_t>(run);
       });
   return grad;
 }

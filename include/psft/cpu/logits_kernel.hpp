@@ -341,6 +341,34 @@ inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, boo
   return scaled ? z * scale : z;
 }
 
+/// The block functions of the row loops below on Eigen's packets (the
+/// consumer's instruction set); cpu/simd_blocks.hpp has the same for AVX2
+/// and AVX-512 (Note [Run-time ISA dispatch]).
+struct EigenBlocks {
+  /// block_softmax
+  template <class acc_t>
+  static core::OnlineSoftmax<acc_t> softmax(const acc_t* z, std::int64_t n) {
+    return block_softmax(z, n);
+  }
+  /// block_grad
+  template <class acc_t>
+  static void grad(const acc_t* z, std::int64_t n, acc_t m, acc_t log_sum, acc_t c0, acc_t c1,
+                   acc_t* out) {
+    block_grad(z, n, m, log_sum, c0, c1, out);
+  }
+  /// load_block
+  template <class acc_t, class scalar_t>
+  static const acc_t* load(const scalar_t* x, std::int64_t n, acc_t scale, bool scaled,
+                           acc_t* buf) {
+    return load_block(x, n, scale, scaled, buf);
+  }
+  /// store_block
+  template <class acc_t, class scalar_t>
+  static void store(const acc_t* values, std::int64_t n, scalar_t* out) {
+    store_block(values, n, out);
+  }
+};
+
 }  // namespace kernel_detail
 
 /// Forward over every row: logp[r] = log p(labels[r]), entropy[r] = H, and
@@ -350,8 +378,9 @@ inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, boo
 /// reported (Note [Out-of-range labels]); no access leaves the row. Outputs
 /// are contiguous [rows] (stats [rows, 3]). A row with a NaN or +inf logit
 /// gets NaN outputs and is reported. Results do not depend on the thread
-/// count: each row is reduced by one thread in a fixed order.
-template <class scalar_t, class acc_t>
+/// count: each row is reduced by one thread in a fixed order. Blocks: the
+/// block functions (kernel_detail::EigenBlocks or an instruction set's).
+template <class scalar_t, class acc_t, class Blocks = kernel_detail::EigenBlocks>
 LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::int64_t* labels,
                                            std::int64_t ignore_index, acc_t inv_temperature,
                                            acc_t* logp, acc_t* entropy, acc_t* stats) {
@@ -375,8 +404,7 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
           core::OnlineSoftmax<acc_t> row;
           for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
             const std::int64_t n = std::min(kVocabBlock, vocab - col);
-            row.merge(kernel_detail::block_softmax(
-                kernel_detail::load_block(x + col, n, inv_temperature, scaled, buf), n));
+            row.merge(Blocks::softmax(Blocks::load(x + col, n, inv_temperature, scaled, buf), n));
           }
           if (row.invalid()) kernel_detail::atomic_min(first_nonfinite, r);
           if (row.empty()) kernel_detail::atomic_min(first_all_neg_inf, r);
@@ -403,8 +431,9 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
 /// with g = grad_logp and h = grad_entropy (either may be null: zero),
 /// written in scalar_t to a contiguous [rows, vocab] buffer. Rows whose
 /// label is ignore_index, or whose g and h are both zero, become zero rows
-/// without reading the logits. stats comes from token_logprobs_forward.
-template <class scalar_t, class acc_t>
+/// without reading the logits. stats comes from token_logprobs_forward;
+/// Blocks as there.
+template <class scalar_t, class acc_t, class Blocks = kernel_detail::EigenBlocks>
 void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* labels,
                              std::int64_t ignore_index, acc_t inv_temperature, const acc_t* stats,
                              const acc_t* grad_logp, const acc_t* grad_entropy, scalar_t* grad) {
@@ -431,12 +460,12 @@ void token_logprobs_backward(const LogitsRows& logits, const std::int64_t* label
           const acc_t c1 = -h * inv_temperature;
           for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
             const std::int64_t n = std::min(kVocabBlock, vocab - col);
-            const acc_t* z = kernel_detail::load_block(x + col, n, inv_temperature, scaled, buf);
+            const acc_t* z = Blocks::load(x + col, n, inv_temperature, scaled, buf);
             if constexpr (std::is_same<scalar_t, acc_t>::value) {
-              kernel_detail::block_grad(z, n, m, log_sum, c0, c1, out + col);
+              Blocks::grad(z, n, m, log_sum, c0, c1, out + col);
             } else {
-              kernel_detail::block_grad(z, n, m, log_sum, c0, c1, out_buf);
-              kernel_detail::store_block(out_buf, n, out + col);
+              Blocks::grad(z, n, m, log_sum, c0, c1, out_buf);
+              Blocks::store(out_buf, n, out + col);
             }
           }
           // The label's entry also gets the one-hot term (clamped as forward read it).

@@ -1,0 +1,69 @@
+#pragma once
+/// \file
+/// The from-logits kernels' block functions compiled for AVX2 + FMA
+/// (cpu::simd_avx2::Blocks) and AVX-512 (cpu::simd_avx512::Blocks) whatever
+/// the consumer's flags, for the run-time dispatch of Note [Run-time ISA
+/// dispatch] (cpu/capability.hpp). Empty where PSFT_ISA_DISPATCH is 0.
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "psft/core/config.hpp"
+#include "psft/core/online_softmax.hpp"
+#include "psft/cpu/capability.hpp"
+
+#if PSFT_ISA_DISPATCH
+#include <immintrin.h>
+
+// GCC warns that vector arguments change the ABI where a function without
+// the target passes them; these functions pass them only among themselves.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+/// _Pragma of the unquoted x.
+#define PSFT_SIMD_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+/// Starts code compiled for the instruction sets isa ("avx2,fma").
+#define PSFT_SIMD_TARGET_BEGIN(isa) \
+  PSFT_SIMD_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+/// Ends PSFT_SIMD_TARGET_BEGIN's code.
+#define PSFT_SIMD_TARGET_END PSFT_SIMD_PRAGMA(clang attribute pop)
+#else
+/// Starts code compiled for the instruction sets isa ("avx2,fma").
+#define PSFT_SIMD_TARGET_BEGIN(isa) \
+  PSFT_SIMD_PRAGMA(GCC push_options) PSFT_SIMD_PRAGMA(GCC target(isa))
+/// Ends PSFT_SIMD_TARGET_BEGIN's code.
+#define PSFT_SIMD_TARGET_END PSFT_SIMD_PRAGMA(GCC pop_options)
+#endif
+
+PSFT_NAMESPACE_BEGIN
+namespace cpu {
+
+PSFT_SIMD_TARGET_BEGIN("avx2,fma")
+#define PSFT_SIMD_NS simd_avx2
+#define PSFT_SIMD_BYTES 32
+#define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#include "psft/cpu/simd_blocks.inc"
+PSFT_SIMD_TARGET_END
+
+PSFT_SIMD_TARGET_BEGIN("avx512f,avx2,fma")
+#define PSFT_SIMD_NS simd_avx512
+#define PSFT_SIMD_BYTES 64
+#define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#include "psft/cpu/simd_blocks.inc"
+PSFT_SIMD_TARGET_END
+
+}  // namespace cpu
+PSFT_NAMESPACE_END
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif  // PSFT_ISA_DISPATCH
