@@ -1258,6 +1258,16 @@ TEST_CASE("every instruction set this CPU runs: values, gradient, -inf, threads"
   INFO("this CPU: up to " << cpu::capability_name(cpu::detected_cpu_capability()));
   CHECK_THROWS_WITH(cpu::set_cpu_capability(static_cast<cpu::CpuCapability>(3)),
                     Catch::Contains("set_cpu_capability"));
+#if PSFT_ISA_DISPATCH
+  // The CPUID reading agrees with the compiler runtime's.
+  __builtin_cpu_init();
+  const cpu::CpuCapability runtime =
+      __builtin_cpu_supports("avx512f") ? cpu::CpuCapability::Avx512
+      : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+          ? cpu::CpuCapability::Avx2
+          : cpu::CpuCapability::Default;
+  CHECK(cpu::detected_cpu_capability() == runtime);
+#endif
   for (int level = 0; level <= static_cast<int>(cpu::detected_cpu_capability()); ++level) {
     const auto c = static_cast<cpu::CpuCapability>(level);
     cpu::set_cpu_capability(c);

@@ -23,7 +23,7 @@
 // its gradient, and the bf16 conversions) are compiled twice more, for AVX2
 // + FMA and for AVX-512, with GCC's or Clang's target pragmas and GCC
 // vector extensions (which need no -m flag), and a call picks one at run
-// time from what the CPU reports (__builtin_cpu_supports), as ATen picks
+// time from what the CPU reports (CPUID and XGETBV), as ATen picks
 // its CPU_CAPABILITY kernels. The row loops, the statistics' merge and
 // every per-token formula are shared. Each path gives results within the
 // kernels' stated tolerances of the double reference, and each is bitwise
@@ -39,6 +39,10 @@
 #define PSFT_ISA_DISPATCH 1
 #else
 #define PSFT_ISA_DISPATCH 0
+#endif
+
+#if PSFT_ISA_DISPATCH
+#include <cpuid.h>
 #endif
 
 PSFT_NAMESPACE_BEGIN
@@ -63,15 +67,25 @@ inline const char* capability_name(CpuCapability c) {
   }
 }
 
-/// The best capability this CPU and build support.
+/// The best capability this CPU and build support: the CPU's feature bits
+/// (CPUID) and whether the operating system saves the wider registers
+/// (XGETBV), read directly, so that nothing needs the compiler runtime's
+/// CPU model (absent in a C++ interpreter).
 inline CpuCapability detected_cpu_capability() {
 #if PSFT_ISA_DISPATCH
   static const CpuCapability detected = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return CpuCapability::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return CpuCapability::Avx2;
-    }
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return CpuCapability::Default;
+    const bool fma = (c >> 12) & 1u, osxsave = (c >> 27) & 1u, avx = (c >> 28) & 1u;
+    if (!osxsave || !avx) return CpuCapability::Default;
+    unsigned xcr0 = 0, xcr0_high = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+    const bool ymm_saved = (xcr0 & 0x6u) == 0x6u;    // SSE and AVX state
+    const bool zmm_saved = (xcr0 & 0xe6u) == 0xe6u;  // and the AVX-512 state
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return CpuCapability::Default;
+    const bool avx2 = (b >> 5) & 1u, avx512f = (b >> 16) & 1u;
+    if (avx512f && avx2 && fma && zmm_saved) return CpuCapability::Avx512;
+    if (avx2 && fma && ymm_saved) return CpuCapability::Avx2;
     return CpuCapability::Default;
   }();
   return detected;
