@@ -106,18 +106,14 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
   LogitsForwardStatus status;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "psft_token_logprobs_forward", [&] {
-        if constexpr (std::is_same<scalar_t, double>::value) {
-          status = token_logprobs_forward<scalar_t, double>(
-              rows, label_data, opts.ignore_index, 1.0 / opts.temperature, logp.data_ptr<double>(),
-              entropy.data_ptr<double>(), stats.defined() ? stats.data_ptr<double>() : nullptr);
-        } else {
-          status = with_float_blocks([&](auto blocks) {
-            return token_logprobs_forward<scalar_t, float, decltype(blocks)>(
-                rows, label_data, opts.ignore_index, static_cast<float>(1.0 / opts.temperature),
-                logp.data_ptr<float>(), entropy.data_ptr<float>(),
-                stats.defined() ? stats.data_ptr<float>() : nullptr);
-          });
-        }
+        using acc_t =
+            typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+        with_blocks<acc_t>([&](auto blocks) {
+          status = token_logprobs_forward<scalar_t, acc_t, decltype(blocks)>(
+              rows, label_data, opts.ignore_index, static_cast<acc_t>(1.0 / opts.temperature),
+              logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(),
+              stats.defined() ? stats.data_ptr<acc_t>() : nullptr);
+        });
       });
   check_forward_status(api, status, rows.vocab, opts);
 }
@@ -137,14 +133,13 @@ inline at::Tensor token_logprobs_backward(const at::Tensor& logits, const at::Te
       at::kHalf, at::kBFloat16, logits.scalar_type(), "psft_token_logprobs_backward", [&] {
         using acc_t =
             typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
-        const auto run = [&](auto blocks) {
+        with_blocks<acc_t>([&](auto blocks) {
           token_logprobs_backward<scalar_t, acc_t, decltype(blocks)>(
               rows, label_data, opts.ignore_index, static_cast<acc_t>(1.0 / opts.temperature),
               stats.data_ptr<acc_t>(), grad_logp.defined() ? grad_logp.data_ptr<acc_t>() : nullptr,
               grad_entropy.defined() ? grad_entropy.data_ptr<acc_t>() : nullptr,
               grad.data_ptr<scalar_t>());
-        };
-        with_blocks<acc_t>(run);
+        });
       });
   return grad;
 }
