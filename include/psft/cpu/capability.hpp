@@ -20,7 +20,9 @@
 // where Eigen's packets are 4 floats wide. So that such a build runs what
 // a -march=native build runs, the from-logits kernels' block functions
 // (cpu/simd_blocks.hpp: the max, exp and sum sweeps of a vocabulary block,
-// its gradient, and the bf16 conversions) are compiled twice more, for AVX2
+// its gradient, and the bf16 conversions; and the clipped objective's
+// token blocks, cpu/token_block.hpp's packet_block on these vectors, with
+// its input conversions and gradient store) are compiled twice more, for AVX2
 // + FMA and for AVX-512, with GCC's or Clang's target pragmas and GCC
 // vector extensions (which need no -m flag), and a call picks one at run
 // time from what the CPU reports (CPUID and XGETBV), as ATen picks

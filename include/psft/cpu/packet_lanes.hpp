@@ -58,6 +58,10 @@ inline PacketMask<P> operator<(PacketValue<P> a, PacketValue<P> b) {
   return {ei_lanes::pcmp_lt(a.p, b.p)};
 }
 template <class P>
+inline PacketMask<P> operator<=(PacketValue<P> a, PacketValue<P> b) {
+  return {ei_lanes::pcmp_le(a.p, b.p)};
+}
+template <class P>
 inline PacketMask<P> operator==(PacketValue<P> a, PacketValue<P> b) {
   return {ei_lanes::pcmp_eq(a.p, b.p)};
 }
@@ -92,6 +96,19 @@ struct PacketLanes {
   static Mask both(Mask a, Mask b) { return {ei_lanes::pand(a.p, b.p)}; }
   static Mask either(Mask a, Mask b) { return {ei_lanes::por(a.p, b.p)}; }
   static Mask negate(Mask a) { return {ei_lanes::pandnot(ei_lanes::ptrue(a.p), a.p)}; }
+  ///@}
+
+  ///@{
+  /// What cpu::packet_block adds (Note [Packet path]): the lanes per
+  /// packet, an unaligned load and store, and the sum, smallest and largest
+  /// lane, and whether any lane of a mask is set.
+  static constexpr int kLanes = ei_lanes::unpacket_traits<Packet>::size;
+  static Value load(const float* p) { return {ei_lanes::ploadu<Packet>(p)}; }
+  static void store(float* p, Value v) { ei_lanes::pstoreu(p, v.p); }
+  static float sum(Value v) { return ei_lanes::predux(v.p); }
+  static float lowest(Value v) { return ei_lanes::predux_min(v.p); }
+  static float highest(Value v) { return ei_lanes::predux_max(v.p); }
+  static bool any(Mask m) { return ei_lanes::predux_any(m.p); }
   ///@}
 };
 

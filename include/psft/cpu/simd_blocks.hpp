@@ -16,6 +16,7 @@
 #include "psft/core/config.hpp"
 #include "psft/core/online_softmax.hpp"
 #include "psft/cpu/capability.hpp"
+#include "psft/cpu/token_block.hpp"
 
 #if PSFT_ISA_DISPATCH
 #include <immintrin.h>
