@@ -8,7 +8,12 @@
 //   psft_bench_logits --benchmark_filter=/32000    # the smaller vocabulary
 //   PSFT_BENCH_THREADS=4 psft_bench_logits         # threads (default 2)
 //
-// A third path, copy, is Tensor::copy_ of the logits into a buffer of their
+// A second psft path, two_pass, turns LogitsOptions::gradient_in_forward
+// off: logp first, the loss on it, and backward reads the logits again (the
+// fused path writes the gradient in its forward pass, Note [Gradient in the
+// forward pass]), so one run shows what that saves.
+//
+// A last path, copy, is Tensor::copy_ of the logits into a buffer of their
 // size allocated once: the logits read once and a gradient's bytes written
 // once, all a fused forward + backward must move, so the physical ceiling.
 // The summary gives the fused path's time over the copy's.
@@ -71,9 +76,13 @@ Inputs make_inputs(at::ScalarType dtype, std::int64_t tokens, std::int64_t vocab
   return in;
 }
 
-/// psft: one fused pass forward, one backward.
-double fused_step(const Inputs& in) {
-  const psft::LogitsLossResult r = psft::psft_loss_from_logits(in.logits, in.labels, in.old_logp);
+/// psft: the gradient computed in the forward pass (in_forward), or one
+/// pass forward and one backward.
+double fused_step(const Inputs& in, bool in_forward = true) {
+  psft::LogitsOptions opts;
+  opts.gradient_in_forward = in_forward;
+  const psft::LogitsLossResult r =
+      psft::psft_loss_from_logits(in.logits, in.labels, in.old_logp, {}, opts);
   r.loss.backward();
   benchmark::DoNotOptimize(r.entropy_mean.data_ptr());
   benchmark::DoNotOptimize(r.metrics.clip_frac_high.data_ptr());
@@ -119,13 +128,17 @@ void bench_copy(benchmark::State& state, at::ScalarType dtype, std::int64_t toke
   state.counters["threads"] = at::get_num_threads();
 }
 
-void bench_logits_loss(benchmark::State& state, bool fused, at::ScalarType dtype,
+/// The paths timed against the copy.
+enum class Path { Fused, TwoPass, Composed };
+
+void bench_logits_loss(benchmark::State& state, Path path, at::ScalarType dtype,
                        std::int64_t tokens, std::int64_t vocab) {
   at::set_num_threads(bench_threads());
   Inputs in = make_inputs(dtype, tokens, vocab);
+  const bool fused = path != Path::Composed;
   const auto step = [&] {
     in.logits.mutable_grad() = at::Tensor();  // as zero_grad(set_to_none)
-    return fused ? fused_step(in) : composed_step(in);
+    return fused ? fused_step(in, path == Path::Fused) : composed_step(in);
   };
   // The two paths must agree before their times mean anything.
   const double loss = step();
@@ -180,7 +193,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         e.copy_ms = ms;
         continue;
       }
-      Side& side = path == "fused" ? e.fused : e.composed;
+      Side& side = path == "fused" ? e.fused : path == "two_pass" ? e.two_pass : e.composed;
       side.ms = ms;
       side.peak_mb = counter("peak_extra_MB");
       side.beyond_grad_mb = counter("beyond_grad_MB");
@@ -192,11 +205,12 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     std::printf(
         "\nSummary (%d threads): one forward + backward of the PSFT loss from logits. Peak: peak\n"
         "resident memory of one call above its inputs, MiB; beyond grad: the same less the\n"
-        "gradient that both paths return. copy ms: the logits copied once (the ceiling);\n"
-        "of copy: fused ms over copy ms.\n"
-        "%-18s %9s %12s %8s %8s %8s %11s %14s %10s %12s %15s\n",
-        bench_threads(), "dtype/tokens/vocab", "fused ms", "composed ms", "speedup", "copy ms",
-        "of copy", "fused peak", "composed peak", "peak ratio", "fused beyond", "composed beyond");
+        "gradient that both paths return. two-pass ms: psft with gradient_in_forward off.\n"
+        "copy ms: the logits copied once (the ceiling); of copy: fused ms over copy ms.\n"
+        "%-18s %9s %12s %12s %8s %8s %8s %11s %14s %10s %12s %15s\n",
+        bench_threads(), "dtype/tokens/vocab", "fused ms", "two-pass ms", "composed ms", "speedup",
+        "copy ms", "of copy", "fused peak", "composed peak", "peak ratio", "fused beyond",
+        "composed beyond");
     for (const auto& [key, e] : entries_) {
       if (e.fused.ms < 0) continue;  // other columns: -1 where not run
       const bool peaks = e.fused.peak_mb > 0 && e.composed.peak_mb > 0;
@@ -209,8 +223,9 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         std::snprintf(text, sizeof(text), format, value);
         return std::string(text);
       };
-      std::printf("%-18s %9.1f %12s %8s %8s %8s %11.0f %14s %10s %12.0f %15s\n", key.c_str(),
-                  e.fused.ms, field(e.composed.ms, "%.1f").c_str(),
+      std::printf("%-18s %9.1f %12s %12s %8s %8s %8s %11.0f %14s %10s %12.0f %15s\n", key.c_str(),
+                  e.fused.ms, field(e.two_pass.ms, "%.1f").c_str(),
+                  field(e.composed.ms, "%.1f").c_str(),
                   field(e.composed.ms < 0 ? -1 : e.composed.ms / e.fused.ms, "%.2fx").c_str(),
                   field(e.copy_ms, "%.1f").c_str(),
                   field(e.copy_ms < 0 ? -1 : e.fused.ms / e.copy_ms, "%.2fx").c_str(),
@@ -225,7 +240,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     double ms = -1, peak_mb = -1, beyond_grad_mb = -1;
   };
   struct Entry {
-    Side fused, composed;
+    Side fused, two_pass, composed;
     double copy_ms = -1;
   };
   std::map<std::string, Entry> entries_;
@@ -241,11 +256,12 @@ int main(int argc, char** argv) {
   for (const std::int64_t vocab : {std::int64_t(32000), std::int64_t(151936)}) {
     for (const auto& [dtype, dtype_name] :
          {std::pair<at::ScalarType, const char*>{at::kFloat, "fp32"}, {at::kBFloat16, "bf16"}}) {
-      for (const bool fused : {true, false}) {
-        const std::string name = std::string("psft_loss_from_logits/") +
-                                 (fused ? "fused/" : "composed/") + dtype_name + "/" +
-                                 std::to_string(tokens) + "/" + std::to_string(vocab);
-        benchmark::RegisterBenchmark(name.c_str(), bench_logits_loss, fused, dtype, tokens, vocab)
+      for (const auto& [path, path_name] : {std::pair<Path, const char*>{Path::Fused, "fused/"},
+                                            {Path::TwoPass, "two_pass/"},
+                                            {Path::Composed, "composed/"}}) {
+        const std::string name = std::string("psft_loss_from_logits/") + path_name + dtype_name +
+                                 "/" + std::to_string(tokens) + "/" + std::to_string(vocab);
+        benchmark::RegisterBenchmark(name.c_str(), bench_logits_loss, path, dtype, tokens, vocab)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
       }

@@ -488,6 +488,140 @@ TEST_CASE("policy_loss_from_logits: advantages, dual clip, SeqMeanTokenMean", "[
   }
 }
 
+/// Whether t's gradient comes from LogitsLossFunction (the gradient
+/// computed in the forward pass).
+bool gradient_from_forward(const at::Tensor& t) {
+  return t.grad_fn() && t.grad_fn()->name().find("LogitsLossFunction") != std::string::npos;
+}
+
+TEST_CASE("the gradient computed in the forward pass equals the two-pass path's",
+          "[logits][loss]") {
+  torch::manual_seed(21);
+  struct Case {
+    const char* name;
+    psft::Reduction reduction;
+    double entropy_coeff;
+    bool advantages;    // policy_loss_from_logits with per-sequence advantages, dual clip
+    bool on_policy;     // old_logp undefined
+    double grad_scale;  // grad_output of the loss
+    bool extra;         // a further gradient through logp and entropy
+  };
+  const Case cases[] = {
+      {"token-mean", psft::Reduction::TokenMean, 0.0, false, false, 1.0, false},
+      {"seq-mean-token-mean, advantages", psft::Reduction::SeqMeanTokenMean, 0.0, true, false, 1.0,
+       false},
+      {"entropy bonus, grad_output 3", psft::Reduction::TokenMean, 0.01, false, false, 3.0, false},
+      {"on-policy, token-sum, grad through logp", psft::Reduction::TokenSum, 0.0, false, true, 0.5,
+       true},
+      {"seq-mean-token-sum-norm, entropy bonus, grad through logp and entropy",
+       psft::Reduction::SeqMeanTokenSumNorm, 0.02, true, false, 1.0, true},
+  };
+  for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const double temperature : {1.0, 1.3}) {
+      for (const Case& c : cases) {
+        INFO(dtype_name(dtype) << " T=" << temperature << " " << c.name);
+        const std::int64_t B = 3, T = 7, V = 300;
+        const at::Tensor logits = random_logits({B, T, V}, dtype);
+        const at::Tensor labels = random_labels({B, T}, V, 0.3);
+        at::Tensor old_logp;
+        {
+          at::NoGradGuard no_grad;
+          old_logp = psft::token_logprobs(logits, labels,
+                                          logits_options(psft::Backend::FusedCpu, temperature))
+                         .logp +
+                     (at::rand({B, T}) * 0.8 - 0.4);
+        }
+        const at::Tensor advantages = torch::tensor({1.5, -2.0, 0.5});
+        const at::Tensor wl = at::randn({B, T}), we = at::randn({B, T});
+        const auto run = [&](bool in_forward) {
+          logits.mutable_grad() = at::Tensor();
+          psft::LogitsOptions o = logits_options(psft::Backend::FusedCpu, temperature, c.extra);
+          o.gradient_in_forward = in_forward;
+          psft::LossOptions lo;
+          lo.reduction = c.reduction;
+          lo.entropy_coeff = c.entropy_coeff;
+          if (c.advantages) lo.clip.dual_clip = 2.0;
+          const at::Tensor old = c.on_policy ? at::Tensor() : old_logp;
+          const psft::LogitsLossResult out =
+              c.advantages ? psft::policy_loss_from_logits(logits, labels, old, advantages, lo, o)
+                           : psft::psft_loss_from_logits(logits, labels, old, lo, o);
+          CHECK(gradient_from_forward(out.loss) == in_forward);
+          at::Tensor total = out.loss * c.grad_scale;
+          if (c.extra) total = total + (out.logp * wl).sum() + (out.entropy * we).sum();
+          total.backward();
+          return std::make_pair(out, logits.grad().clone());
+        };
+        const auto [fused, fused_grad] = run(true);
+        const auto [two_pass, two_pass_grad] = run(false);
+        // The values come from the same kernels: bitwise equal.
+        CHECK(scalar(fused.loss) == scalar(two_pass.loss));
+        CHECK(torch::equal(fused.logp, two_pass.logp));
+        CHECK(torch::equal(fused.entropy, two_pass.entropy));
+        CHECK(scalar(fused.entropy_mean) == scalar(two_pass.entropy_mean));
+        CHECK(scalar(fused.nll_mean) == scalar(two_pass.nll_mean));
+        CHECK(scalar(fused.metrics.clip_frac) == scalar(two_pass.metrics.clip_frac));
+        CHECK(scalar(fused.metrics.ratio_max) == scalar(two_pass.metrics.ratio_max));
+        // The gradient up to the rounding of the ratio's exp (and, in
+        // bf16/fp16, of one rounding more where grad_output != 1).
+        const Tol tol = dtype == at::kDouble  ? Tol{1e-15, 1e-12, 1e-15}
+                        : dtype == at::kFloat ? Tol{1e-9, 2e-6, 1e-7}
+                        : dtype == at::kHalf  ? Tol{1e-7, 2e-3, 1e-6}
+                                              : Tol{1e-8, 8e-3, 1e-6};
+        require_close(to_vec(fused_grad), to_vec(two_pass_grad), tol, "grad");
+        CHECK(fused_grad.abs().sum().item<double>() > 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("the gradient computed in the forward pass: retain_graph, no grad, other backends",
+          "[logits][loss]") {
+  torch::manual_seed(22);
+  const at::Tensor logits = random_logits({6, 500}, at::kFloat);
+  const at::Tensor labels = random_labels({6}, 500);
+  const at::Tensor old_logp = at::randn({6}) * 0.1 - 6.0;
+  const psft::LogitsOptions fused = logits_options(psft::Backend::FusedCpu);
+  psft::LogitsOptions two_pass = fused;
+  two_pass.gradient_in_forward = false;
+
+  psft::psft_loss_from_logits(logits, labels, old_logp, {}, two_pass).loss.backward();
+  const at::Tensor want = logits.grad().clone();
+  logits.mutable_grad() = at::Tensor();
+
+  // A second backward of the same graph recomputes the gradient it gave away.
+  const psft::LogitsLossResult out =
+      psft::psft_loss_from_logits(logits, labels, old_logp, {}, fused);
+  REQUIRE(gradient_from_forward(out.loss));
+  out.loss.backward({}, /*retain_graph=*/true);
+  require_close(to_vec(logits.grad()), to_vec(want), {1e-9, 2e-6, 1e-7}, "first backward");
+  out.loss.backward();
+  require_close(to_vec(logits.grad()), to_vec(want * 2), {1e-9, 2e-6, 1e-7}, "second backward");
+
+  // No gradient wanted, a sequence-level ratio, or the composed backend:
+  // the two-pass path.
+  {
+    at::NoGradGuard no_grad;
+    CHECK(!gradient_from_forward(psft::psft_loss_from_logits(logits, labels, old_logp).loss));
+  }
+  CHECK(!gradient_from_forward(
+      psft::psft_loss_from_logits(logits.detach(), labels, old_logp, {}, fused).loss));
+  psft::LossOptions gspo;
+  gspo.objective.ratio_level = psft::RatioLevel::Sequence;
+  CHECK(!gradient_from_forward(psft::psft_loss_from_logits(logits.view({2, 3, 500}),
+                                                           labels.view({2, 3}),
+                                                           old_logp.view({2, 3}), gspo, fused)
+                                   .loss));
+  CHECK(!gradient_from_forward(psft::psft_loss_from_logits(logits, labels, old_logp, {},
+                                                           logits_options(psft::Backend::Composed))
+                                   .loss));
+  // Bad loss arguments are refused before the pass, naming the argument.
+  CHECK_THROWS_WITH(psft::psft_loss_from_logits(logits, labels, at::zeros({5}), {}, fused),
+                    Catch::Contains("old_logp"));
+  CHECK_THROWS_WITH(
+      psft::policy_loss_from_logits(logits, labels, old_logp, at::ones({4}), {}, fused),
+      Catch::Contains("advantages"));
+}
+
 TEST_CASE("finite differences in float64", "[logits][gradcheck]") {
   torch::manual_seed(5);
   const std::int64_t B = 2, T = 3, V = 6;
@@ -590,7 +724,15 @@ static void check_thread_independent() {
     logits.mutable_grad() = at::Tensor();
     const psft::TokenLogprobs t = psft::token_logprobs(logits, labels);
     (t.logp.sum() * 0.25).backward();
-    return std::vector<at::Tensor>{t.logp.detach(), t.entropy.detach(), logits.grad().clone()};
+    std::vector<at::Tensor> out{t.logp.detach(), t.entropy.detach(), logits.grad().clone()};
+    // The loss with its gradient computed in the forward pass.
+    logits.mutable_grad() = at::Tensor();
+    const psft::LogitsLossResult l =
+        psft::psft_loss_from_logits(logits, labels, t.logp.detach() - 0.1);
+    l.loss.backward();
+    out.push_back(l.loss.detach());
+    out.push_back(logits.grad().clone());
+    return out;
   };
   const auto one = run(1);
   const auto many = run(std::max(2, threads));

@@ -44,6 +44,7 @@
 
 #include "psft/compat/trl.hpp"
 #include "psft/compat/verl.hpp"
+#include "psft/cpu/capability.hpp"
 #include "psft/psft.hpp"
 #include "reference/clipped_reference.hpp"
 #include "support/reductions.hpp"
@@ -994,6 +995,60 @@ TEST_CASE("fused CPU results are bitwise identical for 1, 2 and 3 threads",
     CHECK(count_mismatches(grads[0], e.grad, tolerance_for(dtype).grad, 0.0) == 0);
   }
   at::set_num_threads(saved);
+}
+
+TEST_CASE("every instruction set this CPU runs: values, gradient, metrics, threads, lr = 0",
+          "[policy_loss][isa]") {
+  namespace cpu = psft::cpu;
+  const cpu::CpuCapability saved = cpu::cpu_capability();
+  const int saved_threads = at::get_num_threads();
+  INFO("this CPU: up to " << cpu::capability_name(cpu::detected_cpu_capability()));
+  for (int level = 0; level <= static_cast<int>(cpu::detected_cpu_capability()); ++level) {
+    const auto c = static_cast<cpu::CpuCapability>(level);
+    cpu::set_cpu_capability(c);
+    REQUIRE(cpu::cpu_capability() == c);
+    for (const torch::Dtype dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+      for (const MaskKind mask : {MaskKind::Bool, MaskKind::Weights, MaskKind::None}) {
+        for (const AdvShape adv : {AdvShape::PerToken, AdvShape::Scalar}) {
+          INFO(cpu::capability_name(c) << " " << dtype << " mask " << static_cast<int>(mask)
+                                       << " advantages " << static_cast<int>(adv));
+          Draw d;
+          d.seed = 4000 + static_cast<std::uint32_t>(level);
+          d.rows = 5;
+          d.cols = 300;  // one whole block of 256 tokens and a ragged tail per row
+          d.logp_dtype = dtype;
+          d.old_dtype = torch::kFloat;
+          d.adv_dtype = torch::kFloat;
+          d.mask = mask;
+          d.adv = adv;
+          if (dtype == torch::kHalf) d.in_range_max = 8.0;
+          const Inputs in = draw(d);
+          const psft::LossOptions o =
+              options(psft::Backend::FusedCpu, psft::Reduction::SeqMeanTokenMean, 3.0);
+          check_against_reference(call(in, o), in.logp, run_reference(in, o), tolerance_for(dtype));
+          // Bitwise the same for 1 and 3 threads.
+          std::vector<Tensor> got;
+          for (const int threads : {1, 3}) {
+            at::set_num_threads(threads);
+            const psft::LossResult r = call(in, o);
+            got.push_back(torch::cat({r.loss.detach().to(torch::kDouble).reshape({1}),
+                                      grad_of(r.loss, in.logp).to(torch::kDouble).reshape({-1}),
+                                      r.metrics.approx_kl_k3.reshape({1}),
+                                      r.metrics.ratio_max.reshape({1})}));
+          }
+          at::set_num_threads(saved_threads);
+          CHECK(torch::equal(got[0], got[1]));
+          // lr = 0: the ratio is exactly 1 and nothing clips.
+          const psft::LossResult same =
+              psft::policy_loss(in.logp, in.logp.detach(), in.advantages, in.mask, o);
+          CHECK(item(same.metrics.ratio_min) == 1.0);
+          CHECK(item(same.metrics.ratio_max) == 1.0);
+          CHECK(item(same.metrics.clip_frac) == 0.0);
+        }
+      }
+    }
+  }
+  cpu::set_cpu_capability(saved);
 }
 
 // ---------------------------------------------------------------------------

@@ -133,24 +133,6 @@ inline HiddenPlan hidden_plan(const char* api, const at::Tensor& hidden, const a
   return plan;
 }
 
-/// The loss's factor of every token ([N] float64 on labels' device): d
-/// loss / d l_t for a per-token loss l_t, from the reduction, the
-/// normaliser and each row's token count (core::reduce_rows, the fused
-/// loss's own code). One host read of the row counts.
-inline at::Tensor token_scales(const char* api, const at::Tensor& mask, const LossOptions& opts) {
-  const std::int64_t rows = mask.dim() == 2 ? mask.size(0) : 1;
-  const std::int64_t cols = mask.dim() == 2 ? mask.size(1) : mask.numel();
-  const at::Tensor row_tokens =
-      mask.reshape({rows, cols}).sum(1, /*keepdim=*/false, at::kDouble).cpu().contiguous();
-  std::vector<double> row_loss_unused(static_cast<std::size_t>(rows), 0.0);
-  at::Tensor row_scale = at::empty({rows}, at::TensorOptions().dtype(at::kDouble));
-  const core::RowReduction reduced = core::reduce_rows(
-      core::resolve_sequence_count(opts, rows), rows, cols, row_loss_unused.data(),
-      row_tokens.data_ptr<double>(), row_scale.data_ptr<double>());
-  TORCH_CHECK(reduced.error.empty(), api, ": ", reduced.error);
-  return row_scale.to(mask.device()).repeat_interleave(cols);
-}
-
 /// The bias as the Functions' argument: the plan's, or an empty placeholder
 /// (custom Functions take no undefined tensors), which gets no gradient.
 inline at::Tensor bias_argument(const HiddenPlan& plan) {

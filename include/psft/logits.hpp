@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <string>
 
+#include "psft/autograd/logits_loss_function.hpp"
 #include "psft/autograd/token_logprobs_function.hpp"
 #include "psft/backend.hpp"
 #include "psft/core/config.hpp"
@@ -211,11 +212,92 @@ inline LogitsLossResult loss_from_token_logprobs(
   return out;
 }
 
+/// Whether a from-logits clipped loss runs as LogitsLossFunction, its
+/// gradient written in the forward pass (Note [Gradient in the forward
+/// pass]): on the fused CPU backend, when a gradient is wanted, with token
+/// ratios (a sequence's ratio needs all its tokens first).
+inline bool gradient_in_forward(const at::Tensor& logits, const LogitsOptions& opts,
+                                const LossOptions& loss_opts) {
+  return opts.gradient_in_forward && logits.requires_grad() &&
+         torch::autograd::GradMode::is_enabled() &&
+         logits_backend_for(logits, opts.backend) == Backend::FusedCpu &&
+         loss_opts.objective.ratio_level == RatioLevel::Token;
+}
+
+/// The clipped loss from logits through LogitsLossFunction: one read of the
+/// logits gives the loss and its gradient. Same results as the two-pass
+/// path (token_logprobs, then the loss on its logp) up to the rounding of
+/// the ratio's exp in the gradient.
+inline LogitsLossResult clipped_loss_from_logits_fused(
+    const char* api, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const LossOptions& loss_opts, const LogitsOptions& opts) {
+  const at::Tensor checked_labels = check_logits_inputs(api, logits, labels, opts);
+  const at::Tensor mask = labels != opts.ignore_index;
+  const at::ScalarType acc = logits_accumulate_type(logits.scalar_type());
+  // The loss's arguments, checked before the pass, as the kernel reads them.
+  const at::Tensor placeholder = at::zeros(labels.sizes(), labels.options().dtype(acc));
+  LossOptions policy_opts = loss_opts;
+  policy_opts.entropy_coeff = 0.0;
+  const ClippedLossInputs checked = check_clipped_loss_inputs(
+      api, placeholder, old_logp.defined() ? old_logp : placeholder, advantages, mask, policy_opts);
+  const auto flat = [&](const at::Tensor& t) {
+    return t.defined() ? t.reshape({-1}).to(acc).contiguous() : at::Tensor();
+  };
+  const at::Tensor old_flat = old_logp.defined() ? flat(checked.old_logp) : at::Tensor();
+  const at::Tensor adv_flat = flat(checked.advantages);
+  const at::Tensor scale = token_scales(api, mask, policy_opts);
+
+  LogitsLossHooks hooks;
+  hooks.forward = [&](const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& stats,
+                      const at::Tensor& g, const at::Tensor& h) {
+    const at::Tensor readable = vocab_contiguous(logits.detach());
+    return core::visit_rule(checked.rule, [&](auto rule) {
+      const auto run = [&](auto row_grad) {
+        using acc_t = typename decltype(row_grad)::acc_type;
+        row_grad.old = old_flat.defined() ? old_flat.data_ptr<acc_t>() : nullptr;
+        row_grad.adv = adv_flat.defined() ? adv_flat.data_ptr<acc_t>() : nullptr;
+        row_grad.scale = scale.data_ptr<double>();
+        row_grad.params = checked.params<acc_t>(policy_opts);
+        row_grad.entropy_coeff = loss_opts.entropy_coeff;
+        row_grad.g_out = g.data_ptr<acc_t>();
+        row_grad.h_out = h.data_ptr<acc_t>();
+        return cpu::token_logprobs_forward_backward(api, readable, checked_labels, opts,
+                                                    logp.view({-1}), entropy.view({-1}), stats,
+                                                    row_grad);
+      };
+      using Rule = decltype(rule);
+      if (acc == at::kDouble) return run(ClippedRowGrad<Rule, double>{});
+      return run(ClippedRowGrad<Rule, float>{});
+    });
+  };
+  LogitsLossResult out;
+  hooks.finish = [&](const at::Tensor& logp, const at::Tensor& entropy) {
+    TokenLogprobs t;
+    t.logp = logp;
+    t.entropy = entropy;
+    t.backend = Backend::FusedCpu;
+    out = loss_from_token_logprobs(api, t, labels, old_logp, advantages, opts.ignore_index,
+                                   loss_opts);
+    return out.loss;
+  };
+  const auto outs = autograd::LogitsLossFunction::apply(logits, checked_labels, opts, &hooks);
+  // The same values, now on the graph.
+  out.loss = outs[0];
+  out.logp = outs[1];
+  out.entropy = outs[2];
+  out.entropy_mean = masked_entropy_mean(out.entropy, mask);
+  return out;
+}
+
 inline LogitsLossResult clipped_loss_from_logits(
     const char* api, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logp,
     const at::Tensor& advantages, const LossOptions& loss_opts, const LogitsOptions& logits_opts) {
   const LogitsOptions opts =
       loss_from_logits_options(api, labels, old_logp, loss_opts, logits_opts);
+  if (gradient_in_forward(logits, opts, loss_opts)) {
+    return clipped_loss_from_logits_fused(api, logits, labels, old_logp, advantages, loss_opts,
+                                          opts);
+  }
   const TokenLogprobs t = token_logprobs(api, logits, labels, opts);
   return loss_from_token_logprobs(api, t, labels, old_logp, advantages, opts.ignore_index,
                                   loss_opts);

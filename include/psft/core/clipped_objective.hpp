@@ -102,15 +102,25 @@ PSFT_HOST_DEVICE inline TokenObjective<T> clipped_objective_from_ratio(T ratio, 
   return ClippedRule::terms(ScalarLanes<T>(), in, p);
 }
 
+/// Rule's terms of one token from its log-probabilities (Note [Objective
+/// rules]), the ratio from exp of the clamped log-ratio.
+template <class Rule, class T>
+PSFT_HOST_DEVICE inline TokenObjective<T> rule_terms(T logp, T old_logp, T advantage,
+                                                     const ObjectiveParams<T>& p) {
+  using std::exp;
+  const T log_ratio = logp - old_logp;
+  const T clamped = clamp_log_ratio(log_ratio, p.log_ratio_clamp);
+  return Rule::terms(ScalarLanes<T>(),
+                     token_input(logp, log_ratio, clamped, T(exp(clamped)),
+                                 log_ratio_in_range(log_ratio, p.log_ratio_clamp), advantage),
+                     p);
+}
+
 /// Objective of one token from its log-probabilities.
 template <class T>
 PSFT_HOST_DEVICE inline TokenObjective<T> clipped_objective(T logp, T old_logp, T advantage,
                                                             const ClipParams<T>& p) {
-  using std::exp;
-  const T log_ratio = logp - old_logp;
-  const T ratio = exp(clamp_log_ratio(log_ratio, p.log_ratio_clamp));
-  return clipped_objective_from_ratio(ratio, log_ratio_in_range(log_ratio, p.log_ratio_clamp),
-                                      advantage, p);
+  return rule_terms<ClippedRule>(logp, old_logp, advantage, p);
 }
 
 /// The trust-region indicator: 1 where the token's gradient flows, 0 where a

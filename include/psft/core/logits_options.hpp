@@ -45,6 +45,14 @@ struct LogitsOptions {
   /// [rows, V] temporaries take about this many bytes each (a handful are
   /// alive at once), so memory stays bounded whatever the batch size.
   std::int64_t composed_chunk_bytes = std::int64_t(64) << 20;
+  /// psft_loss_from_logits and policy_loss_from_logits on the fused CPU
+  /// backend, with token ratios: compute d loss / d logits in the forward
+  /// pass while each row is in cache, so that the logits are read once, and
+  /// hold it until backward (Note [Gradient in the forward pass]). The
+  /// gradient then lives from the loss's forward to its backward instead of
+  /// during backward only. Off: logp first, then the loss on it, and
+  /// backward reads the logits again (the path of every other backend).
+  bool gradient_in_forward = true;
 };
 
 namespace core {

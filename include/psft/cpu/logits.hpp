@@ -118,6 +118,39 @@ inline void token_logprobs_forward(const char* api, const at::Tensor& logits,
   check_forward_status(api, status, rows.vocab, opts);
 }
 
+/// Forward with the gradient (Note [Gradient in the forward pass]): as
+/// token_logprobs_forward with stats defined, and returns d(sum g logp + h
+/// entropy) / d logits in logits' dtype and shape (contiguous), with {g_r,
+/// h_r} = row_grad(r, logp_r, entropy_r) for each scored row; row_grad runs
+/// in RowGrad::acc_type, which must be the logits' accumulation type.
+template <class RowGrad>
+at::Tensor token_logprobs_forward_backward(const char* api, const at::Tensor& logits,
+                                           const at::Tensor& labels, const LogitsOptions& opts,
+                                           const at::Tensor& logp, const at::Tensor& entropy,
+                                           const at::Tensor& stats, const RowGrad& row_grad) {
+  at::Tensor grad = empty_gradient(logits.sizes(), logits.options());  // Note [Gradient buffers]
+  const LogitsRows rows = logits_rows(logits);
+  if (rows.rows == 0) return grad;
+  const std::int64_t* label_data = labels.data_ptr<std::int64_t>();
+  LogitsForwardStatus status;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "psft_token_logprobs_forward_backward", [&] {
+        using acc_t =
+            typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+        TORCH_INTERNAL_ASSERT((std::is_same<acc_t, typename RowGrad::acc_type>::value));
+        if constexpr (std::is_same<acc_t, typename RowGrad::acc_type>::value) {
+          with_blocks<acc_t>([&](auto blocks) {
+            status = token_logprobs_forward_backward<scalar_t, acc_t, decltype(blocks)>(
+                rows, label_data, opts.ignore_index, static_cast<acc_t>(1.0 / opts.temperature),
+                logp.data_ptr<acc_t>(), entropy.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
+                row_grad, grad.data_ptr<scalar_t>());
+          });
+        }
+      });
+  check_forward_status(api, status, rows.vocab, opts);
+  return grad;
+}
+
 /// Backward: d(sum grad_logp * logp + grad_entropy * entropy) / d logits, in
 /// logits' dtype and shape (contiguous). grad_logp and grad_entropy are
 /// contiguous in the accumulation dtype, or undefined (zero).

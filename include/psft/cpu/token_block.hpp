@@ -181,10 +181,11 @@ std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float
     }
   }
   if (check_finite && o.any(bad)) return 0;
+  const auto weight_sum = static_cast<double>(o.sum(weight));
   part.loss += static_cast<double>(o.sum(loss));
-  part.tokens += static_cast<double>(o.sum(weight));
+  part.tokens += weight_sum;
   core::MetricSums& m = part.metrics;
-  m.weight += static_cast<double>(o.sum(weight));
+  m.weight += weight_sum;
   m.clipped += static_cast<double>(o.sum(clipped_sum));
   m.clipped_dual += static_cast<double>(o.sum(dual_sum));
   m.clipped_high += static_cast<double>(o.sum(high_sum));
