@@ -516,59 +516,71 @@ TEST_CASE("the gradient computed in the forward pass equals the two-pass path's"
       {"seq-mean-token-sum-norm, entropy bonus, grad through logp and entropy",
        psft::Reduction::SeqMeanTokenSumNorm, 0.02, true, false, 1.0, true},
   };
-  for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
-    for (const double temperature : {1.0, 1.3}) {
-      for (const Case& c : cases) {
-        INFO(dtype_name(dtype) << " T=" << temperature << " " << c.name);
-        const std::int64_t B = 3, T = 7, V = 300;
-        const at::Tensor logits = random_logits({B, T, V}, dtype);
-        const at::Tensor labels = random_labels({B, T}, V, 0.3);
-        at::Tensor old_logp;
-        {
-          at::NoGradGuard no_grad;
-          old_logp = psft::token_logprobs(logits, labels,
-                                          logits_options(psft::Backend::FusedCpu, temperature))
-                         .logp +
-                     (at::rand({B, T}) * 0.8 - 0.4);
+  // V = 300: one vocabulary block; V = 4099: three, the second 30 below the
+  // first (its exponentials scaled by e^(m_b - m) < e^-20), the third (3
+  // entries) -inf in one row, so that a kept block's max is -inf.
+  for (const std::int64_t V : {300, 4099}) {
+    for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16, at::kHalf}) {
+      for (const double temperature : {1.0, 1.3}) {
+        for (const Case& c : cases) {
+          INFO(dtype_name(dtype) << " V=" << V << " T=" << temperature << " " << c.name);
+          const std::int64_t B = 3, T = 7;
+          const at::Tensor logits = random_logits({B, T, V}, dtype);
+          if (V > 4096) {
+            at::NoGradGuard no_grad;
+            logits.narrow(2, 2048, 2048).sub_(30.0);
+            logits[1][2].narrow(0, 4096, 3).fill_(-std::numeric_limits<double>::infinity());
+            logits[2][4][5].fill_(-std::numeric_limits<double>::infinity());
+          }
+          const at::Tensor labels = random_labels({B, T}, V, 0.3);
+          if (V > 4096) labels[1][2].fill_(7), labels[2][4].fill_(9);  // not on a -inf entry
+          at::Tensor old_logp;
+          {
+            at::NoGradGuard no_grad;
+            old_logp = psft::token_logprobs(logits, labels,
+                                            logits_options(psft::Backend::FusedCpu, temperature))
+                           .logp +
+                       (at::rand({B, T}) * 0.8 - 0.4);
+          }
+          const at::Tensor advantages = torch::tensor({1.5, -2.0, 0.5});
+          const at::Tensor wl = at::randn({B, T}), we = at::randn({B, T});
+          const auto run = [&](bool in_forward) {
+            logits.mutable_grad() = at::Tensor();
+            psft::LogitsOptions o = logits_options(psft::Backend::FusedCpu, temperature, c.extra);
+            o.gradient_in_forward = in_forward;
+            psft::LossOptions lo;
+            lo.reduction = c.reduction;
+            lo.entropy_coeff = c.entropy_coeff;
+            if (c.advantages) lo.clip.dual_clip = 2.0;
+            const at::Tensor old = c.on_policy ? at::Tensor() : old_logp;
+            const psft::LogitsLossResult out =
+                c.advantages ? psft::policy_loss_from_logits(logits, labels, old, advantages, lo, o)
+                             : psft::psft_loss_from_logits(logits, labels, old, lo, o);
+            CHECK(gradient_from_forward(out.loss) == in_forward);
+            at::Tensor total = out.loss * c.grad_scale;
+            if (c.extra) total = total + (out.logp * wl).sum() + (out.entropy * we).sum();
+            total.backward();
+            return std::make_pair(out, logits.grad().clone());
+          };
+          const auto [fused, fused_grad] = run(true);
+          const auto [two_pass, two_pass_grad] = run(false);
+          // The values come from the same kernels: bitwise equal.
+          CHECK(scalar(fused.loss) == scalar(two_pass.loss));
+          CHECK(torch::equal(fused.logp, two_pass.logp));
+          CHECK(torch::equal(fused.entropy, two_pass.entropy));
+          CHECK(scalar(fused.entropy_mean) == scalar(two_pass.entropy_mean));
+          CHECK(scalar(fused.nll_mean) == scalar(two_pass.nll_mean));
+          CHECK(scalar(fused.metrics.clip_frac) == scalar(two_pass.metrics.clip_frac));
+          CHECK(scalar(fused.metrics.ratio_max) == scalar(two_pass.metrics.ratio_max));
+          // The gradient up to the rounding of the ratio's exp (and, in
+          // bf16/fp16, of one rounding more where grad_output != 1).
+          const Tol tol = dtype == at::kDouble  ? Tol{1e-15, 1e-12, 1e-15}
+                          : dtype == at::kFloat ? Tol{1e-9, 2e-6, 1e-7}
+                          : dtype == at::kHalf  ? Tol{1e-7, 2e-3, 1e-6}
+                                                : Tol{1e-8, 8e-3, 1e-6};
+          require_close(to_vec(fused_grad), to_vec(two_pass_grad), tol, "grad");
+          CHECK(fused_grad.abs().sum().item<double>() > 0);
         }
-        const at::Tensor advantages = torch::tensor({1.5, -2.0, 0.5});
-        const at::Tensor wl = at::randn({B, T}), we = at::randn({B, T});
-        const auto run = [&](bool in_forward) {
-          logits.mutable_grad() = at::Tensor();
-          psft::LogitsOptions o = logits_options(psft::Backend::FusedCpu, temperature, c.extra);
-          o.gradient_in_forward = in_forward;
-          psft::LossOptions lo;
-          lo.reduction = c.reduction;
-          lo.entropy_coeff = c.entropy_coeff;
-          if (c.advantages) lo.clip.dual_clip = 2.0;
-          const at::Tensor old = c.on_policy ? at::Tensor() : old_logp;
-          const psft::LogitsLossResult out =
-              c.advantages ? psft::policy_loss_from_logits(logits, labels, old, advantages, lo, o)
-                           : psft::psft_loss_from_logits(logits, labels, old, lo, o);
-          CHECK(gradient_from_forward(out.loss) == in_forward);
-          at::Tensor total = out.loss * c.grad_scale;
-          if (c.extra) total = total + (out.logp * wl).sum() + (out.entropy * we).sum();
-          total.backward();
-          return std::make_pair(out, logits.grad().clone());
-        };
-        const auto [fused, fused_grad] = run(true);
-        const auto [two_pass, two_pass_grad] = run(false);
-        // The values come from the same kernels: bitwise equal.
-        CHECK(scalar(fused.loss) == scalar(two_pass.loss));
-        CHECK(torch::equal(fused.logp, two_pass.logp));
-        CHECK(torch::equal(fused.entropy, two_pass.entropy));
-        CHECK(scalar(fused.entropy_mean) == scalar(two_pass.entropy_mean));
-        CHECK(scalar(fused.nll_mean) == scalar(two_pass.nll_mean));
-        CHECK(scalar(fused.metrics.clip_frac) == scalar(two_pass.metrics.clip_frac));
-        CHECK(scalar(fused.metrics.ratio_max) == scalar(two_pass.metrics.ratio_max));
-        // The gradient up to the rounding of the ratio's exp (and, in
-        // bf16/fp16, of one rounding more where grad_output != 1).
-        const Tol tol = dtype == at::kDouble  ? Tol{1e-15, 1e-12, 1e-15}
-                        : dtype == at::kFloat ? Tol{1e-9, 2e-6, 1e-7}
-                        : dtype == at::kHalf  ? Tol{1e-7, 2e-3, 1e-6}
-                                              : Tol{1e-8, 8e-3, 1e-6};
-        require_close(to_vec(fused_grad), to_vec(two_pass_grad), tol, "grad");
-        CHECK(fused_grad.abs().sum().item<double>() > 0);
       }
     }
   }

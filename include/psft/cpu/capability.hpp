@@ -2,7 +2,7 @@
 /// \file
 /// Which vector instructions the CPU kernels use, chosen at run time (Note
 /// [Run-time ISA dispatch]): the baseline the consumer compiled for, AVX2
-/// with FMA, or AVX-512. cpu_capability() is the choice; the environment
+/// with FMA and F16C, or AVX-512. cpu_capability() is the choice; the environment
 /// variable PSFT_CPU_CAPABILITY (default, avx2, avx512; read once) or
 /// set_cpu_capability() lowers it.
 
@@ -20,10 +20,10 @@
 // where Eigen's packets are 4 floats wide. So that such a build runs what
 // a -march=native build runs, the from-logits kernels' block functions
 // (cpu/simd_blocks.hpp: the max, exp and sum sweeps of a vocabulary block,
-// its gradient, and the bf16 conversions; and the clipped objective's
-// token blocks, cpu/token_block.hpp's packet_block on these vectors, with
-// its input conversions and gradient store) are compiled twice more, for AVX2
-// + FMA and for AVX-512, with GCC's or Clang's target pragmas and GCC
+// its gradient, and the bf16 and fp16 conversions (F16C); and the clipped
+// objective's token blocks, cpu/token_block.hpp's packet_block on these
+// vectors, with its input conversions and gradient store) are compiled twice
+// more, for AVX2 + FMA + F16C and for AVX-512, with GCC's or Clang's target pragmas and GCC
 // vector extensions (which need no -m flag), and a call picks one at run
 // time from what the CPU reports (CPUID and XGETBV), as ATen picks
 // its CPU_CAPABILITY kernels. The row loops, the statistics' merge and
@@ -53,7 +53,7 @@ namespace cpu {
 /// The vector instruction sets the CPU kernels can run.
 enum class CpuCapability {
   Default = 0,  ///< what the consumer compiled for (SSE2 on plain x86-64)
-  Avx2 = 1,     ///< AVX2 with FMA
+  Avx2 = 1,     ///< AVX2 with FMA and F16C
   Avx512 = 2,   ///< AVX-512 (F)
 };
 
@@ -78,7 +78,8 @@ inline CpuCapability detected_cpu_capability() {
   static const CpuCapability detected = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return CpuCapability::Default;
-    const bool fma = (c >> 12) & 1u, osxsave = (c >> 27) & 1u, avx = (c >> 28) & 1u;
+    const bool fma = (c >> 12) & 1u, osxsave = (c >> 27) & 1u, avx = (c >> 28) & 1u,
+               f16c = (c >> 29) & 1u;
     if (!osxsave || !avx) return CpuCapability::Default;
     unsigned xcr0 = 0, xcr0_high = 0;
     __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
@@ -86,8 +87,8 @@ inline CpuCapability detected_cpu_capability() {
     const bool zmm_saved = (xcr0 & 0xe6u) == 0xe6u;  // and the AVX-512 state
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return CpuCapability::Default;
     const bool avx2 = (b >> 5) & 1u, avx512f = (b >> 16) & 1u;
-    if (avx512f && avx2 && fma && zmm_saved) return CpuCapability::Avx512;
-    if (avx2 && fma && ymm_saved) return CpuCapability::Avx2;
+    if (avx512f && avx2 && fma && f16c && zmm_saved) return CpuCapability::Avx512;
+    if (avx2 && fma && f16c && ymm_saved) return CpuCapability::Avx2;
     return CpuCapability::Default;
   }();
   return detected;

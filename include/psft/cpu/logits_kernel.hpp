@@ -14,10 +14,12 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "psft/core/config.hpp"
 #include "psft/core/online_softmax.hpp"
@@ -242,9 +244,11 @@ inline void store_block(const acc_t* values, std::int64_t n, scalar_t* out) {
 /// vectorised): the max in one sweep, then S and A with the cutoff of Note
 /// [Softmax cutoff]. The shifted logits are summed alongside: that sum is NaN
 /// exactly when the block holds a NaN or +inf, whatever the vector max does
-/// with NaN, so the check costs one add per packet.
+/// with NaN, so the check costs one add per packet. When e_out is not null,
+/// e_out[i] = e^(z_i - m) (0 below the cutoff) for the block's max m.
 template <class acc_t>
-inline core::OnlineSoftmax<acc_t> block_softmax(const acc_t* z, std::int64_t n) {
+inline core::OnlineSoftmax<acc_t> block_softmax(const acc_t* z, std::int64_t n,
+                                                acc_t* e_out = nullptr) {
   using Packet = typename Vec<acc_t>::Packet;
   constexpr int W = Vec<acc_t>::kWidth;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
@@ -258,6 +262,7 @@ inline core::OnlineSoftmax<acc_t> block_softmax(const acc_t* z, std::int64_t n) 
   if (full < n) vmax = ei::pmax(vmax, ei::ploadu<Packet>(tail));
   const acc_t m = ei::predux_max(vmax);
   if (m == -inf) {
+    if (e_out) std::fill(e_out, e_out + n, acc_t(0));
     // Every logit is -inf, or a NaN hid behind the max: rare, tell them apart.
     for (std::int64_t i = 0; i < n; ++i) {
       if (!(z[i] == -inf)) {
@@ -278,9 +283,16 @@ inline core::OnlineSoftmax<acc_t> block_softmax(const acc_t* z, std::int64_t n) 
     const Packet e = ei::pand(exp_nonpositive<acc_t>(y_cut), ei::pcmp_le(lo, y));
     sum = ei::padd(sum, e);
     weighted = ei::pmadd(e, y_cut, weighted);
+    return e;
   };
-  for (std::int64_t i = 0; i < full; i += W) step(ei::ploadu<Packet>(z + i));
-  if (full < n) step(ei::ploadu<Packet>(tail));
+  for (std::int64_t i = 0; i < full; i += W) {
+    const Packet e = step(ei::ploadu<Packet>(z + i));
+    if (e_out) ei::pstoreu(e_out + i, e);
+  }
+  if (full < n) {
+    ei::pstoreu(tail, step(ei::ploadu<Packet>(tail)));
+    if (e_out) std::copy(tail, tail + (n - full), e_out + full);
+  }
   const acc_t c = ei::predux(check);
   if (c != c) {
     return core::OnlineSoftmax<acc_t>::from_parts(m, std::numeric_limits<acc_t>::quiet_NaN(),
@@ -320,6 +332,13 @@ inline void block_grad(const acc_t* z, std::int64_t n, acc_t m, acc_t log_sum, a
   }
 }
 
+/// out[i] = e[i] k for a block of n entries.
+template <class acc_t>
+inline void block_scale(const acc_t* e, std::int64_t n, acc_t k, acc_t* out) {
+  Eigen::Map<Eigen::Array<acc_t, Eigen::Dynamic, 1>>(out, n) =
+      Eigen::Map<const Eigen::Array<acc_t, Eigen::Dynamic, 1>>(e, n) * k;
+}
+
 /// Lowers `target` to `value` if smaller (first bad row).
 inline void atomic_min(std::atomic<std::int64_t>& target, std::int64_t value) {
   std::int64_t seen = target.load();
@@ -347,9 +366,21 @@ inline acc_t label_logit(const scalar_t* x, std::int64_t label, acc_t scale, boo
 struct EigenBlocks {
   /// block_softmax
   template <class acc_t>
-  static core::OnlineSoftmax<acc_t> softmax(const acc_t* z, std::int64_t n) {
-    return block_softmax(z, n);
+  static core::OnlineSoftmax<acc_t> softmax(const acc_t* z, std::int64_t n,
+                                            acc_t* e_out = nullptr) {
+    return block_softmax(z, n, e_out);
   }
+  /// block_scale
+  template <class acc_t>
+  static void scale(const acc_t* e, std::int64_t n, acc_t k, acc_t* out) {
+    block_scale(e, n, k, out);
+  }
+  /// block_scale (Eigen's packets have no non-temporal store)
+  template <class acc_t>
+  static void scale_stream(const acc_t* e, std::int64_t n, acc_t k, acc_t* out) {
+    block_scale(e, n, k, out);
+  }
+  static void stream_fence() {}
   /// block_grad
   template <class acc_t>
   static void grad(const acc_t* z, std::int64_t n, acc_t m, acc_t log_sum, acc_t c0, acc_t c1,
@@ -364,7 +395,7 @@ struct EigenBlocks {
   }
   /// store_block
   template <class acc_t, class scalar_t>
-  static void store(const acc_t* values, std::int64_t n, scalar_t* out) {
+  static void store(const acc_t* values, std::int64_t n, scalar_t* out, bool /*stream*/ = false) {
     store_block(values, n, out);
   }
 };
@@ -373,15 +404,29 @@ struct EigenBlocks {
 
 namespace kernel_detail {
 
+/// A row's exponentials as row_softmax leaves them for a gradient that
+/// reuses them (Note [Gradient in the forward pass]): e[i] = e^(z_i - m_b)
+/// (0 below the cutoff), in load_block's order within each block, where m_b
+/// = block_max[b] is the max of the block b that holds entry i.
+template <class acc_t>
+struct RowExp {
+  acc_t* e = nullptr;          ///< [vocab]
+  acc_t* block_max = nullptr;  ///< [ceil(vocab / kVocabBlock)]
+};
+
 /// The softmax statistics of one row of logits x (Note [One pass over the
-/// logits]); buf holds kVocabBlock entries.
+/// logits]); buf holds kVocabBlock entries. Fills ex when it is not null.
 template <class scalar_t, class acc_t, class Blocks>
 inline core::OnlineSoftmax<acc_t> row_softmax(const scalar_t* x, std::int64_t vocab,
-                                              acc_t inv_temperature, bool scaled, acc_t* buf) {
+                                              acc_t inv_temperature, bool scaled, acc_t* buf,
+                                              const RowExp<acc_t>* ex = nullptr) {
   core::OnlineSoftmax<acc_t> row;
   for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
     const std::int64_t n = std::min(kVocabBlock, vocab - col);
-    row.merge(Blocks::softmax(Blocks::load(x + col, n, inv_temperature, scaled, buf), n));
+    const core::OnlineSoftmax<acc_t> block = Blocks::softmax(
+        Blocks::load(x + col, n, inv_temperature, scaled, buf), n, ex ? ex->e + col : nullptr);
+    if (ex) ex->block_max[col / kVocabBlock] = block.max;
+    row.merge(block);
   }
   return row;
 }
@@ -421,14 +466,42 @@ inline void row_gradient(const scalar_t* x, std::int64_t vocab, std::int64_t lab
       inv_temperature * core::token_logprob_grad(y_label, true, s.log_sum, s.mean_shifted, g, h));
 }
 
+/// The gradient of one row with h = 0 from the exponentials its forward
+/// kept: out = d(g log p) / d x, p_i = e_i e^(m_b - m - log S) (Note
+/// [Gradient in the forward pass]), the label's entry as in row_gradient.
+template <class scalar_t, class acc_t, class Blocks>
+inline void row_gradient_from_exp(const RowExp<acc_t>& ex, const scalar_t* x, std::int64_t vocab,
+                                  std::int64_t label, acc_t inv_temperature, bool scaled,
+                                  const RowStats<acc_t>& s, acc_t g, scalar_t* out,
+                                  acc_t* out_buf) {
+  const acc_t c0 = -g * inv_temperature;
+  for (std::int64_t col = 0; col < vocab; col += kVocabBlock) {
+    const std::int64_t n = std::min(kVocabBlock, vocab - col);
+    const acc_t k = c0 * std::exp(ex.block_max[col / kVocabBlock] - s.max - s.log_sum);
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      Blocks::scale_stream(ex.e + col, n, k, out + col);
+    } else {
+      Blocks::scale(ex.e + col, n, k, out_buf);
+      Blocks::store(out_buf, n, out + col, /*stream=*/true);
+    }
+  }
+  Blocks::stream_fence();
+  const acc_t y_label = label_logit(x, label, inv_temperature, scaled) - s.max;
+  out[label] = static_cast<scalar_t>(
+      inv_temperature *
+      core::token_logprob_grad(y_label, true, s.log_sum, s.mean_shifted, g, acc_t(0)));
+}
+
 /// The forward loop over every row (token_logprobs_forward's contract),
-/// then after_row(r, x, label, stats, buf) on the thread that reduced row r,
-/// while the row is still in its cache; x is null for a row that is not
-/// scored (label = ignore_index), label the clamped label otherwise.
+/// then after_row(r, x, label, stats, buf, ex) on the thread that reduced
+/// row r, while the row is still in its cache; x is null for a row that is
+/// not scored (label = ignore_index), label the clamped label otherwise; ex
+/// is the row's exponentials when keep_exp, null otherwise.
 template <class scalar_t, class acc_t, class Blocks, class AfterRow>
 LogitsForwardStatus forward_rows(const LogitsRows& logits, const std::int64_t* labels,
                                  std::int64_t ignore_index, acc_t inv_temperature, acc_t* logp,
-                                 acc_t* entropy, acc_t* stats, const AfterRow& after_row) {
+                                 acc_t* entropy, acc_t* stats, bool keep_exp,
+                                 const AfterRow& after_row) {
   const bool scaled = inv_temperature != acc_t(1);
   const std::int64_t vocab = logits.vocab;
   const auto* base = static_cast<const scalar_t*>(logits.data);
@@ -438,17 +511,22 @@ LogitsForwardStatus forward_rows(const LogitsRows& logits, const std::int64_t* l
 
   at::parallel_for(0, logits.rows, row_grain(vocab), [&](std::int64_t begin, std::int64_t end) {
     alignas(64) acc_t buf[kVocabBlock];
+    // One row's exponentials and block maxima, reused by every row of the task.
+    const std::int64_t blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
+    std::vector<acc_t> kept(keep_exp ? static_cast<std::size_t>(vocab + blocks) : 0);
+    const RowExp<acc_t> ex{kept.data(), kept.data() + vocab};
+    const RowExp<acc_t>* row_exp = keep_exp ? &ex : nullptr;
     for (std::int64_t r = begin; r < end; ++r) {
       RowStats<acc_t> s;
       if (labels[r] == ignore_index) {
         logp[r] = entropy[r] = acc_t(0);
         if (stats) stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = acc_t(0);
-        after_row(r, static_cast<const scalar_t*>(nullptr), std::int64_t(0), s, buf);
+        after_row(r, static_cast<const scalar_t*>(nullptr), std::int64_t(0), s, buf, row_exp);
         continue;
       }
       const scalar_t* x = base + logits.offset(r);
       const core::OnlineSoftmax<acc_t> row =
-          row_softmax<scalar_t, acc_t, Blocks>(x, vocab, inv_temperature, scaled, buf);
+          row_softmax<scalar_t, acc_t, Blocks>(x, vocab, inv_temperature, scaled, buf, row_exp);
       if (row.invalid()) atomic_min(first_nonfinite, r);
       if (row.empty()) atomic_min(first_all_neg_inf, r);
       const std::int64_t label = core::clamped_label(labels[r], vocab);
@@ -463,7 +541,7 @@ LogitsForwardStatus forward_rows(const LogitsRows& logits, const std::int64_t* l
         stats[3 * r + 1] = s.log_sum;
         stats[3 * r + 2] = s.mean_shifted;
       }
-      after_row(r, x, label, s, buf);
+      after_row(r, x, label, s, buf, row_exp);
     }
   });
 
@@ -490,9 +568,9 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
                                            std::int64_t ignore_index, acc_t inv_temperature,
                                            acc_t* logp, acc_t* entropy, acc_t* stats) {
   return kernel_detail::forward_rows<scalar_t, acc_t, Blocks>(
-      logits, labels, ignore_index, inv_temperature, logp, entropy, stats,
-      [](std::int64_t, const scalar_t*, std::int64_t, const kernel_detail::RowStats<acc_t>&,
-         acc_t*) {});
+      logits, labels, ignore_index, inv_temperature, logp, entropy, stats, /*keep_exp=*/false,
+      [](std::int64_t, const scalar_t*, std::int64_t, const kernel_detail::RowStats<acc_t>&, acc_t*,
+         const kernel_detail::RowExp<acc_t>*) {});
 }
 
 // Note [Gradient in the forward pass]
@@ -502,10 +580,23 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
 // gradient coefficients are taken from row_grad, and the row's gradient is
 // written at once by the same thread, while the row (128 KB at V = 32000 in
 // float32) is still in that core's L2 cache. The logits are read from
-// memory once instead of twice (once forward, once backward), and the
-// results are those of token_logprobs_forward followed by
-// token_logprobs_backward, bit for bit: the same row functions in the same
-// order.
+// memory once instead of twice (once forward, once backward). logp, the
+// entropy and the statistics are those of token_logprobs_forward, bit for
+// bit. Where h = 0 (no entropy term: PSFT's default) the gradient reuses
+// the exponentials of the forward's sweep instead of computing e^x again:
+// the sweep stores e_i = e^(z_i - m_b) relative to its block's max m_b
+// (kVocabBlock entries), and p_i = e_i e^(m_b - m - log S), one multiply
+// per entry and one exp per block. That saves an exp and, for bfloat16 and
+// float16, a widening per entry, and costs a row of floats per thread,
+// written and read in L2. The product rounds twice where
+// token_logprobs_backward's p = e^(z - m - log S) rounds once, so the two
+// gradients agree to a few float rounding errors, not bit for bit; an
+// entry the backward's cutoff zeroes is at most e^cutoff here. Rows with
+// h != 0 take row_gradient, token_logprobs_backward's own row function.
+// The reused rows' gradient goes out with non-temporal stores where the
+// block functions have them (Blocks::scale_stream, Blocks::store's
+// `stream`; a fence per row): nothing reads it before backward, and a
+// plain store would first read each of its cache lines from memory.
 
 /// token_logprobs_forward, and for every row grad[r, :] = d(g_r log p_r +
 /// h_r H_r) / d logits with {g_r, h_r} = row_grad(r, logp[r], entropy[r])
@@ -523,8 +614,10 @@ LogitsForwardStatus token_logprobs_forward_backward(const LogitsRows& logits,
   const std::int64_t vocab = logits.vocab;
   return kernel_detail::forward_rows<scalar_t, acc_t, Blocks>(
       logits, labels, ignore_index, inv_temperature, logp, entropy, stats,
+      /*keep_exp=*/true,
       [&](std::int64_t r, const scalar_t* x, std::int64_t label,
-          const kernel_detail::RowStats<acc_t>& s, acc_t* buf) {
+          const kernel_detail::RowStats<acc_t>& s, acc_t* buf,
+          const kernel_detail::RowExp<acc_t>* ex) {
         scalar_t* out = grad + r * vocab;
         if (!x) {
           std::memset(static_cast<void*>(out), 0,
@@ -533,6 +626,12 @@ LogitsForwardStatus token_logprobs_forward_backward(const LogitsRows& logits,
         }
         alignas(64) acc_t out_buf[kVocabBlock];
         const auto gh = row_grad(r, logp[r], entropy[r]);
+        if (gh.second == acc_t(0) && gh.first != acc_t(0) && std::isfinite(s.max) &&
+            std::isfinite(s.log_sum)) {
+          kernel_detail::row_gradient_from_exp<scalar_t, acc_t, Blocks>(
+              *ex, x, vocab, label, inv_temperature, scaled, s, gh.first, out, out_buf);
+          return;
+        }
         kernel_detail::row_gradient<scalar_t, acc_t, Blocks>(
             x, vocab, label, inv_temperature, scaled, s, gh.first, gh.second, out, buf, out_buf);
       });

@@ -47,17 +47,31 @@
 PSFT_NAMESPACE_BEGIN
 namespace cpu {
 
-PSFT_SIMD_TARGET_BEGIN("avx2,fma")
+PSFT_SIMD_TARGET_BEGIN("avx2,fma,f16c")
 #define PSFT_SIMD_NS simd_avx2
 #define PSFT_SIMD_BYTES 32
 #define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define PSFT_SIMD_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define PSFT_SIMD_STREAM_INT(p, v) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)(v))
+#define PSFT_SIMD_LOAD_HALF(p) \
+  ((vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
+#define PSFT_SIMD_STORE_HALF(p, v)                \
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), \
+                   _mm256_cvtps_ph((__m256)(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #include "psft/cpu/simd_blocks.inc"
 PSFT_SIMD_TARGET_END
 
-PSFT_SIMD_TARGET_BEGIN("avx512f,avx2,fma")
+PSFT_SIMD_TARGET_BEGIN("avx512f,avx2,fma,f16c")
 #define PSFT_SIMD_NS simd_avx512
 #define PSFT_SIMD_BYTES 64
 #define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#define PSFT_SIMD_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define PSFT_SIMD_STREAM_INT(p, v) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)(v))
+#define PSFT_SIMD_LOAD_HALF(p) \
+  ((vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))))
+#define PSFT_SIMD_STORE_HALF(p, v)                   \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), \
+                      _mm512_cvtps_ph((__m512)(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #include "psft/cpu/simd_blocks.inc"
 PSFT_SIMD_TARGET_END
 
