@@ -67,11 +67,14 @@ PSFT_SIMD_TARGET_BEGIN("avx512f,avx2,fma,f16c")
 #define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
 #define PSFT_SIMD_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
 #define PSFT_SIMD_STREAM_INT(p, v) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)(v))
+// The zero-masked conversions: GCC 12 warns of the plain ones' undefined
+// pass-through operand (-Wmaybe-uninitialized) where they are inlined.
 #define PSFT_SIMD_LOAD_HALF(p) \
-  ((vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))))
-#define PSFT_SIMD_STORE_HALF(p, v)                   \
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), \
-                      _mm512_cvtps_ph((__m512)(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+  ((vf)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))))
+#define PSFT_SIMD_STORE_HALF(p, v)   \
+  _mm256_storeu_si256(               \
+      reinterpret_cast<__m256i*>(p), \
+      _mm512_maskz_cvtps_ph(0xffff, (__m512)(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
 #include "psft/cpu/simd_blocks.inc"
 PSFT_SIMD_TARGET_END
 
