@@ -254,8 +254,7 @@ constexpr double kBf16SumTol = 1e-1;
 
 void check_grads(const Grads& got, const ref::Out& want, double tol, const std::string& what) {
   if (got.hidden.scalar_type() == at::kBFloat16 && !bf16_gemm_sums_in_float()) {
-    WARN("this LibTorch's bfloat16 GEMM sums in bfloat16: gradients compared to "
-         << kBf16SumTol);
+    WARN("this LibTorch's bfloat16 GEMM sums in bfloat16: gradients compared to " << kBf16SumTol);
     tol = std::max(tol, kBf16SumTol);
   }
   check_close(got.hidden, want.g_hidden, tol, 0.0, what + ": d hidden");
