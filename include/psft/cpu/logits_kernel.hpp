@@ -370,14 +370,10 @@ struct EigenBlocks {
                                             acc_t* e_out = nullptr) {
     return block_softmax(z, n, e_out);
   }
-  /// block_scale
+  /// block_scale (Eigen's packets have no non-temporal store: `stream` is
+  /// ignored, as in store)
   template <class acc_t>
-  static void scale(const acc_t* e, std::int64_t n, acc_t k, acc_t* out) {
-    block_scale(e, n, k, out);
-  }
-  /// block_scale (Eigen's packets have no non-temporal store)
-  template <class acc_t>
-  static void scale_stream(const acc_t* e, std::int64_t n, acc_t k, acc_t* out) {
+  static void scale(const acc_t* e, std::int64_t n, acc_t k, acc_t* out, bool /*stream*/ = false) {
     block_scale(e, n, k, out);
   }
   static void stream_fence() {}
@@ -437,6 +433,16 @@ struct RowStats {
   acc_t max = 0, log_sum = 0, mean_shifted = 0;  ///< zero for a row that is not scored
 };
 
+/// out[label] = the row's gradient at its label, which also gets the
+/// one-hot term (the label clamped as forward read it).
+template <class scalar_t, class acc_t>
+inline void label_gradient(const scalar_t* x, std::int64_t label, acc_t inv_temperature,
+                           bool scaled, const RowStats<acc_t>& s, acc_t g, acc_t h, scalar_t* out) {
+  const acc_t y_label = label_logit(x, label, inv_temperature, scaled) - s.max;
+  out[label] = static_cast<scalar_t>(
+      inv_temperature * core::token_logprob_grad(y_label, true, s.log_sum, s.mean_shifted, g, h));
+}
+
 /// out[0, vocab) = d(g log p + h H) / d x for one row x of logits with
 /// statistics s and (clamped) label; a zero row, without reading x, when g
 /// and h are both zero. buf and out_buf hold kVocabBlock entries each.
@@ -460,10 +466,7 @@ inline void row_gradient(const scalar_t* x, std::int64_t vocab, std::int64_t lab
       Blocks::store(out_buf, n, out + col);
     }
   }
-  // The label's entry also gets the one-hot term (clamped as forward read it).
-  const acc_t y_label = label_logit(x, label, inv_temperature, scaled) - s.max;
-  out[label] = static_cast<scalar_t>(
-      inv_temperature * core::token_logprob_grad(y_label, true, s.log_sum, s.mean_shifted, g, h));
+  label_gradient(x, label, inv_temperature, scaled, s, g, h, out);
 }
 
 /// The gradient of one row with h = 0 from the exponentials its forward
@@ -479,17 +482,14 @@ inline void row_gradient_from_exp(const RowExp<acc_t>& ex, const scalar_t* x, st
     const std::int64_t n = std::min(kVocabBlock, vocab - col);
     const acc_t k = c0 * std::exp(ex.block_max[col / kVocabBlock] - s.max - s.log_sum);
     if constexpr (std::is_same<scalar_t, acc_t>::value) {
-      Blocks::scale_stream(ex.e + col, n, k, out + col);
+      Blocks::scale(ex.e + col, n, k, out + col, /*stream=*/true);
     } else {
       Blocks::scale(ex.e + col, n, k, out_buf);
       Blocks::store(out_buf, n, out + col, /*stream=*/true);
     }
   }
   Blocks::stream_fence();
-  const acc_t y_label = label_logit(x, label, inv_temperature, scaled) - s.max;
-  out[label] = static_cast<scalar_t>(
-      inv_temperature *
-      core::token_logprob_grad(y_label, true, s.log_sum, s.mean_shifted, g, acc_t(0)));
+  label_gradient(x, label, inv_temperature, scaled, s, g, acc_t(0), out);
 }
 
 /// The forward loop over every row (token_logprobs_forward's contract),
@@ -594,7 +594,7 @@ LogitsForwardStatus token_logprobs_forward(const LogitsRows& logits, const std::
 // entry the backward's cutoff zeroes is at most e^cutoff here. Rows with
 // h != 0 take row_gradient, token_logprobs_backward's own row function.
 // The reused rows' gradient goes out with non-temporal stores where the
-// block functions have them (Blocks::scale_stream, Blocks::store's
+// block functions have them (Blocks::scale's and Blocks::store's
 // `stream`; a fence per row): nothing reads it before backward, and a
 // plain store would first read each of its cache lines from memory.
 
