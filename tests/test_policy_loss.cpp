@@ -202,7 +202,9 @@ reference::Result run_reference(const Inputs& in, const psft::LossOptions& o) {
                                  settings_for(o));
 }
 
+/// policy_loss, or psft_loss (A = 1) where in has no advantages.
 psft::LossResult call(const Inputs& in, const psft::LossOptions& o) {
+  if (!in.advantages.defined()) return psft::psft_loss(in.logp, in.old_logp, in.mask, o);
   return psft::policy_loss(in.logp, in.old_logp, in.advantages, in.mask, o);
 }
 
@@ -1009,9 +1011,11 @@ TEST_CASE("every instruction set this CPU runs: values, gradient, metrics, threa
     REQUIRE(cpu::cpu_capability() == c);
     for (const torch::Dtype dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
       for (const MaskKind mask : {MaskKind::Bool, MaskKind::Weights, MaskKind::None}) {
-        for (const AdvShape adv : {AdvShape::PerToken, AdvShape::Scalar}) {
-          INFO(cpu::capability_name(c) << " " << dtype << " mask " << static_cast<int>(mask)
-                                       << " advantages " << static_cast<int>(adv));
+        // Per-token advantages, one 0-d advantage, none (A = 1: the kernel's
+        // blocks compiled with A known).
+        for (const int adv : {0, 1, 2}) {
+          INFO(cpu::capability_name(c)
+               << " " << dtype << " mask " << static_cast<int>(mask) << " advantages " << adv);
           Draw d;
           d.seed = 4000 + static_cast<std::uint32_t>(level);
           d.rows = 5;
@@ -1020,9 +1024,10 @@ TEST_CASE("every instruction set this CPU runs: values, gradient, metrics, threa
           d.old_dtype = torch::kFloat;
           d.adv_dtype = torch::kFloat;
           d.mask = mask;
-          d.adv = adv;
+          d.adv = adv == 0 ? AdvShape::PerToken : AdvShape::Scalar;
           if (dtype == torch::kHalf) d.in_range_max = 8.0;
-          const Inputs in = draw(d);
+          Inputs in = draw(d);
+          if (adv == 2) in.advantages = Tensor();
           const psft::LossOptions o =
               options(psft::Backend::FusedCpu, psft::Reduction::SeqMeanTokenMean, 3.0);
           check_against_reference(call(in, o), in.logp, run_reference(in, o), tolerance_for(dtype));
@@ -1039,8 +1044,9 @@ TEST_CASE("every instruction set this CPU runs: values, gradient, metrics, threa
           at::set_num_threads(saved_threads);
           CHECK(torch::equal(got[0], got[1]));
           // lr = 0: the ratio is exactly 1 and nothing clips.
-          const psft::LossResult same =
-              psft::policy_loss(in.logp, in.logp.detach(), in.advantages, in.mask, o);
+          Inputs unchanged = in;
+          unchanged.old_logp = in.logp.detach();
+          const psft::LossResult same = call(unchanged, o);
           CHECK(item(same.metrics.ratio_min) == 1.0);
           CHECK(item(same.metrics.ratio_max) == 1.0);
           CHECK(item(same.metrics.clip_frac) == 0.0);

@@ -51,10 +51,17 @@ PSFT_SIMD_TARGET_BEGIN("avx2,fma,f16c")
 #define PSFT_SIMD_NS simd_avx2
 #define PSFT_SIMD_BYTES 32
 #define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define PSFT_SIMD_MIN(a, b) ((vf)_mm256_min_ps((__m256)(a), (__m256)(b)))
+#define PSFT_SIMD_MAX(a, b) ((vf)_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define PSFT_SIMD_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
 #define PSFT_SIMD_STREAM_INT(p, v) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)(v))
 #define PSFT_SIMD_LOAD_HALF(p) \
   ((vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))
+// Bytes (0 or 1) widened to float: GCC 12 turns the generic
+// __builtin_convertvector of a byte vector into one conversion per lane.
+#define PSFT_SIMD_LOAD_BYTES(p) \
+  ((vf)_mm256_cvtepi32_ps(      \
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))))
 #define PSFT_SIMD_STORE_HALF(p, v)                \
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), \
                    _mm256_cvtps_ph((__m256)(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
@@ -67,10 +74,16 @@ PSFT_SIMD_TARGET_BEGIN("avx512f,avx2,fma,f16c")
 #define PSFT_SIMD_FMADD(a, b, c) ((vf)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
 #define PSFT_SIMD_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
 #define PSFT_SIMD_STREAM_INT(p, v) _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)(v))
-// The zero-masked conversions: GCC 12 warns of the plain ones' undefined
+// The zero-masked forms: GCC 12 warns of the plain ones' undefined
 // pass-through operand (-Wmaybe-uninitialized) where they are inlined.
+#define PSFT_SIMD_MIN(a, b) ((vf)_mm512_maskz_min_ps(0xffff, (__m512)(a), (__m512)(b)))
+#define PSFT_SIMD_MAX(a, b) ((vf)_mm512_maskz_max_ps(0xffff, (__m512)(a), (__m512)(b)))
 #define PSFT_SIMD_LOAD_HALF(p) \
   ((vf)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))))
+#define PSFT_SIMD_LOAD_BYTES(p)  \
+  ((vf)_mm512_maskz_cvtepi32_ps( \
+      0xffff,                    \
+      _mm512_maskz_cvtepu8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))))
 #define PSFT_SIMD_STORE_HALF(p, v)   \
   _mm256_storeu_si256(               \
       reinterpret_cast<__m256i*>(p), \

@@ -121,12 +121,16 @@ struct TokenBlock {
 // reductions sum, lowest, highest and any. A block with a value that fails
 // the finite check is left to the scalar path, which names the bad argument.
 
-/// Handles the leading whole vectors of block b with Rule on Lanes; returns
-/// how many tokens it handled (0: the caller's scalar loop does the block).
-/// Writes coef_out[i] = w dl/dlogp when coef_out is not null.
-template <class Rule, class Lanes>
-std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float>& params,
-                          bool check_finite, float* coef_out, UnitPartial& part) {
+/// packet_block with the advantages read (kAdvantages) or A = 1 known at
+/// compile time, so that PSFT's blocks fold the rule's terms in A away.
+template <class Rule, class Lanes, bool kAdvantages>
+std::int64_t packet_block_with(const TokenBlock& block,
+                               const core::ObjectiveParams<float>& objective_params,
+                               bool check_finite, float* coef_out, UnitPartial& part) {
+  // Local copies: coef_out's stores could alias the references, which would
+  // make the compiler reload every parameter and pointer per vector.
+  const TokenBlock b = block;
+  const core::ObjectiveParams<float> params = objective_params;
   using V = typename Lanes::Value;
   using M = typename Lanes::Mask;
   constexpr int kLanes = Lanes::kLanes;
@@ -143,7 +147,7 @@ std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float
     const V wi = b.w ? o.load(b.w + i) : one;
     const V li = o.load(b.logp + i);
     const V oi = o.load(b.old + i);
-    const V ai = b.adv ? o.load(b.adv + i) : one;
+    const V ai = kAdvantages ? o.load(b.adv + i) : one;
     const M valid = o.negate(wi == zero);
     const V log_ratio = li - oi;
     core::TokenInput<Lanes> t;
@@ -196,6 +200,16 @@ std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float
   m.ratio_min = std::min<double>(m.ratio_min, o.lowest(ratio_min));
   m.ratio_max = std::max<double>(m.ratio_max, o.highest(ratio_max));
   return i;
+}
+
+/// Handles the leading whole vectors of block b with Rule on Lanes; returns
+/// how many tokens it handled (0: the caller's scalar loop does the block).
+/// Writes coef_out[i] = w dl/dlogp when coef_out is not null.
+template <class Rule, class Lanes>
+std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float>& params,
+                          bool check_finite, float* coef_out, UnitPartial& part) {
+  return b.adv ? packet_block_with<Rule, Lanes, true>(b, params, check_finite, coef_out, part)
+               : packet_block_with<Rule, Lanes, false>(b, params, check_finite, coef_out, part);
 }
 
 }  // namespace cpu
