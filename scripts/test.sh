@@ -141,6 +141,7 @@ if [ "${PSFT_SKIP_CUDA:-0}" != 1 ]; then
     ./scripts/gpu-deps.sh "$deps"
     # Only the CUDA targets: the rest is built and tested by the main phase.
     cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
       -DCMAKE_PREFIX_PATH="$deps;$PSFT_TORCH_PREFIX" -U Catch2_DIR -U Eigen3_DIR -U benchmark_DIR \
       -DCMAKE_CUDA_COMPILER="$nvcc_path" -DCMAKE_CUDA_ARCHITECTURES="80;90" -DPSFT_CUDA=ON \
       -DPSFT_BUILD_TESTS=ON -DPSFT_BUILD_BENCHMARKS=ON -DPSFT_BUILD_EXAMPLES=OFF \

@@ -739,9 +739,10 @@ std::vector<RankRun> run_gloo_ranks(int world, std::chrono::seconds timeout) {
     log_paths.push_back(log_path);
     // Everything the child needs is prepared before fork.
     std::vector<std::string> env_storage;
+    std::string worker_prefix(kWorkerVariable);
+    worker_prefix += '=';
     for (char** e = environ; *e != nullptr; ++e) {
-      if (std::string(*e).rfind(std::string(kWorkerVariable) + "=", 0) != 0)
-        env_storage.push_back(*e);
+      if (std::string(*e).rfind(worker_prefix, 0) != 0) env_storage.push_back(*e);
     }
     env_storage.push_back(std::string(kWorkerVariable) + "=" + std::to_string(rank) + " " +
                           std::to_string(world) + " " + store);
