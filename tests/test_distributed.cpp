@@ -734,18 +734,18 @@ std::vector<RankRun> run_gloo_ranks(int world, std::chrono::seconds timeout) {
 
   std::vector<pid_t> pids;
   std::vector<std::string> log_paths;
+  std::string worker_prefix(kWorkerVariable);  // "NAME="
+  worker_prefix += '=';
   for (int rank = 0; rank < world; ++rank) {
     const std::string log_path = (dir / ("rank" + std::to_string(rank) + ".log")).string();
     log_paths.push_back(log_path);
     // Everything the child needs is prepared before fork.
     std::vector<std::string> env_storage;
-    std::string worker_prefix(kWorkerVariable);
-    worker_prefix += '=';
     for (char** e = environ; *e != nullptr; ++e) {
       if (std::string(*e).rfind(worker_prefix, 0) != 0) env_storage.push_back(*e);
     }
-    env_storage.push_back(std::string(kWorkerVariable) + "=" + std::to_string(rank) + " " +
-                          std::to_string(world) + " " + store);
+    env_storage.push_back(worker_prefix + std::to_string(rank) + " " + std::to_string(world) + " " +
+                          store);
     std::vector<char*> envp;
     for (std::string& s : env_storage) envp.push_back(s.data());
     envp.push_back(nullptr);
