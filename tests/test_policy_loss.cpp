@@ -1231,6 +1231,72 @@ TEST_CASE("bad inputs raise c10::Error naming the argument", "[policy_loss][erro
 #undef REQUIRE_ERROR_NAMING
 }
 
+TEST_CASE(
+    "every instruction set: a bad input inside a vector block is named, a masked one and "
+    "an overflowing log-ratio are not",
+    "[policy_loss][isa][errors]") {
+  // Rows of 300 tokens, so the bad values sit in the packet loop's whole
+  // vectors, not in the scalar tail (Note [Finite probe]).
+  namespace cpu = psft::cpu;
+  const cpu::CpuCapability saved = cpu::cpu_capability();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int level = 0; level <= static_cast<int>(cpu::detected_cpu_capability()); ++level) {
+    const auto c = static_cast<cpu::CpuCapability>(level);
+    cpu::set_cpu_capability(c);
+    INFO(cpu::capability_name(c));
+    Draw d;
+    d.seed = 77;
+    d.rows = 3;  // row 1 is fully masked
+    d.cols = 300;
+    d.logp_dtype = d.old_dtype = d.adv_dtype = torch::kFloat;
+    d.mask = MaskKind::Weights;
+    const Inputs in = draw(d);
+    const psft::LossOptions o = options(psft::Backend::FusedCpu, psft::Reduction::TokenMean, 3.0);
+    const auto with = [](const Tensor& t, std::int64_t r, std::int64_t col, float v) {
+      Tensor out = t.detach().clone();
+      out[r][col] = v;
+      return out;
+    };
+    const auto expect_error = [&](const Inputs& bad, const char* name) {
+      INFO(name);
+      REQUIRE_THROWS_AS(call(bad, o), c10::Error);
+      REQUIRE_THROWS_WITH(call(bad, o), Catch::Contains(std::string(name) + " has"));
+    };
+    // Column 40 of row 0 counts (weight > 0).
+    Tensor mask = with(in.mask, 0, 40, 2.0f);
+    Inputs bad = in;
+    bad.mask = mask;
+    bad.logp = with(in.logp, 0, 40, nan).requires_grad_(true);
+    expect_error(bad, "logp");
+    bad = in;
+    bad.mask = mask;
+    bad.old_logp = with(in.old_logp, 0, 40, inf);
+    expect_error(bad, "old_logp");
+    bad = in;
+    bad.mask = mask;
+    bad.advantages = with(in.advantages, 0, 40, -inf);
+    expect_error(bad, "advantages");
+    for (const float w : {-1.0f, nan, inf}) {
+      INFO("weight " << w);
+      bad = in;
+      bad.mask = with(in.mask, 2, 130, w);
+      REQUIRE_THROWS_WITH(call(bad, o), Catch::Contains("mask has a negative"));
+    }
+    // Masked bad values are ignored; finite log-probabilities whose
+    // difference overflows float are clamped like any other log-ratio.
+    Inputs fine = in;
+    fine.mask = with(with(in.mask, 0, 50, 0.0f), 2, 60, 1.0f);
+    fine.old_logp = with(with(in.old_logp, 0, 50, nan), 2, 60, 3e38f);
+    fine.advantages = with(in.advantages, 0, 50, inf);
+    fine.logp = with(in.logp, 2, 60, -3e38f).requires_grad_(true);
+    const psft::LossResult r = call(fine, o);
+    check_against_reference(r, fine.logp, run_reference(fine, o), tolerance_for(torch::kFloat));
+    CHECK(item(r.metrics.ratio_min) == Approx(std::exp(-20.0)).epsilon(1e-6));
+  }
+  cpu::set_cpu_capability(saved);
+}
+
 TEST_CASE("inputs on another device are rejected (needs CUDA)", "[policy_loss][cuda]") {
   if (!torch::cuda::is_available()) {
     WARN("no CUDA device: device-mismatch checks not run");

@@ -106,11 +106,12 @@ inline std::string normaliser_error(const LossOptions& opts, double batch_tokens
   return e.str();
 }
 
-/// Aggregates per-row sums into RowReduction and writes each row's gradient
-/// scale; see RowReduction for the contract.
-inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
-                                const double* row_loss, const double* row_tokens,
-                                double* row_scale) {
+/// Writes each row's gradient scale (row factor x global factor) to
+/// row_scale[0..rows) from the rows' token counts (sum_t w), before any loss
+/// is known; the fused CPU kernel needs them to write the gradient in its
+/// forward pass. Returns the error and the global factor of RowReduction.
+inline RowReduction row_scales(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
+                               const double* row_tokens, double* row_scale) {
   RowReduction out;
   ReductionCounts counts{0.0, 0.0, opts.norm_constant ? *opts.norm_constant : double(cols),
                          opts.normaliser ? double(opts.normaliser->world_size) : 1.0};
@@ -123,13 +124,29 @@ inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std:
   if (opts.normaliser && opts.normaliser->tokens) counts.tokens = *opts.normaliser->tokens;
   if (opts.normaliser && opts.normaliser->sequences) counts.sequences = *opts.normaliser->sequences;
   out.global_factor = global_factor(opts.reduction, counts);
-  double total = 0.0;
   for (std::int64_t r = 0; r < rows; ++r) {
-    const double factor = row_factor(opts.reduction, row_tokens[r]);
-    row_scale[r] = factor * out.global_factor;
-    total += factor * row_loss[r];
+    row_scale[r] = row_factor(opts.reduction, row_tokens[r]) * out.global_factor;
   }
-  out.loss = total * out.global_factor;
+  return out;
+}
+
+/// The aggregated loss sum_s row_factor_s * row_loss_s * global_factor.
+inline double reduced_loss(Reduction reduction, std::int64_t rows, const double* row_loss,
+                           const double* row_tokens, double global_factor) {
+  double total = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r)
+    total += row_factor(reduction, row_tokens[r]) * row_loss[r];
+  return total * global_factor;
+}
+
+/// Aggregates per-row sums into RowReduction and writes each row's gradient
+/// scale; see RowReduction for the contract.
+inline RowReduction reduce_rows(const LossOptions& opts, std::int64_t rows, std::int64_t cols,
+                                const double* row_loss, const double* row_tokens,
+                                double* row_scale) {
+  RowReduction out = row_scales(opts, rows, cols, row_tokens, row_scale);
+  if (!out.error.empty()) return out;
+  out.loss = reduced_loss(opts.reduction, rows, row_loss, row_tokens, out.global_factor);
   return out;
 }
 

@@ -96,11 +96,28 @@ struct ForwardArgs {
   bool check_finite = true;  ///< report non-finite inputs (LossOptions::check_finite)
 };
 
+/// Where the forward kernel writes d loss / d logp for grad_output 1
+/// (Note [Gradient in the forward pass]): a contiguous [rows, cols] buffer
+/// in logp's dtype; row r's coefficients are scaled by scale[r].
+struct GradTarget {
+  void* data = nullptr;                            ///< nullptr: no gradient
+  c10::ScalarType dtype = c10::ScalarType::Float;  ///< logp's dtype
+  const double* scale = nullptr;                   ///< [rows] the reduction's factors
+};
+
+// Note [Gradient in the forward pass]
+// The reduction's factors depend only on the token counts, so a first,
+// cheap pass counts each row's tokens (it reads the mask alone, and is
+// skipped without one); the forward pass then writes the gradient
+// coef * factor in logp's dtype while the block is in cache, as
+// ClippedLossFunction's backward would for grad_output 1, and backward
+// only hands it on (scaled where grad_output is not 1). This saves the
+// coefficient buffer (4 bytes per token) and the backward pass over it.
+
 /// What the forward kernel produces.
 struct ForwardResult {
-  std::vector<double> row_loss;    ///< sum_t w l per row
-  std::vector<double> row_tokens;  ///< sum_t w per row
-  core::MetricSums metrics;        ///< metric sums over all tokens
+  std::vector<double> row_loss;  ///< sum_t w l per row
+  core::MetricSums metrics;      ///< metric sums over all tokens
   ///@{
   /// Whether a non-finite logp / old_logp / advantage or a bad mask weight
   /// was seen.
@@ -108,32 +125,117 @@ struct ForwardResult {
   ///@}
 };
 
+/// The work units of the [rows, cols] token grid: rows cut into chunks of
+/// kChunk tokens (Note [Deterministic reduction]).
+struct TokenUnits {
+  std::int64_t chunks_per_row;  ///< chunks in a row
+  std::int64_t count;           ///< units in all
+  std::int64_t grain;           ///< units per at::parallel_for task
+};
+
+/// The units of a [rows, cols] grid.
+inline TokenUnits token_units(std::int64_t rows, std::int64_t cols) {
+  const std::int64_t chunks_per_row = (cols + kChunk - 1) / kChunk;
+  return {chunks_per_row, rows * chunks_per_row, std::max<std::int64_t>(1, 16384 / kChunk)};
+}
+
+/// sum_t w per row in acc_t's weights, summed in double per unit in column
+/// order and over a row's units in order, so that it does not depend on the
+/// thread count; cols per row where the mask is absent.
+template <class acc_t>
+std::vector<double> row_token_counts(const ForwardArgs& a) {
+  const auto rows = static_cast<std::size_t>(a.rows);
+  if (!a.mask.data) return std::vector<double>(rows, static_cast<double>(a.cols));
+  const TokenUnits units = token_units(a.rows, a.cols);
+  std::vector<double> unit_tokens(static_cast<std::size_t>(units.count));
+  at::parallel_for(0, units.count, units.grain, [&](std::int64_t begin, std::int64_t end) {
+    alignas(64) acc_t w[kBlock];
+    for (std::int64_t u = begin; u < end; ++u) {
+      const std::int64_t row = u / units.chunks_per_row;
+      const std::int64_t chunk_begin = (u % units.chunks_per_row) * kChunk;
+      const std::int64_t chunk_end = std::min(a.cols, chunk_begin + kChunk);
+      double sum = 0;
+      if (a.mask.dtype == c10::ScalarType::Bool) {
+        // 0 / 1 bytes: an exact integer count, which vectorises (32-bit lanes).
+        const std::int64_t stride = a.mask.col_stride;
+        const auto* p = static_cast<const std::uint8_t*>(a.mask.data) + row * a.mask.row_stride +
+                        chunk_begin * stride;
+        std::uint32_t count = 0;  // at most kChunk
+        if (stride == 1) {
+          for (std::int64_t c = 0; c < chunk_end - chunk_begin; ++c) count += p[c];
+        } else {
+          for (std::int64_t c = 0; c < chunk_end - chunk_begin; ++c) count += p[c * stride];
+        }
+        sum = static_cast<double>(count);
+      } else {
+        // Four running sums, so that the additions do not wait on each other.
+        double part[4] = {0, 0, 0, 0};
+        for (std::int64_t col = chunk_begin; col < chunk_end; col += kBlock) {
+          const std::int64_t n = std::min(kBlock, chunk_end - col);
+          load(a.mask, row, col, n, w);
+          for (std::int64_t i = 0; i < n; ++i) part[i % 4] += static_cast<double>(w[i]);
+        }
+        sum = (part[0] + part[1]) + (part[2] + part[3]);
+      }
+      unit_tokens[static_cast<std::size_t>(u)] = sum;
+    }
+  });
+  std::vector<double> out(rows, 0.0);
+  for (std::int64_t u = 0; u < units.count; ++u) {
+    out[static_cast<std::size_t>(u / units.chunks_per_row)] +=
+        unit_tokens[static_cast<std::size_t>(u)];
+  }
+  return out;
+}
+
+/// out[i] = coef[i] * s in grad's dtype from element `offset` on, with the
+/// token-block functions Tokens (float coefficients) or one by one (double).
+template <class Tokens, class acc_t>
+void store_gradient(const acc_t* coef, std::int64_t n, acc_t s, const GradTarget& grad,
+                    std::int64_t offset) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    switch (grad.dtype) {
+      case c10::ScalarType::Float:
+        return Tokens::scale(coef, n, s, static_cast<float*>(grad.data) + offset);
+      case c10::ScalarType::BFloat16:
+        return Tokens::scale(coef, n, s, static_cast<c10::BFloat16*>(grad.data) + offset);
+      case c10::ScalarType::Half:
+        return Tokens::scale(coef, n, s, static_cast<c10::Half*>(grad.data) + offset);
+      default:
+        TORCH_CHECK(false, "psft: unsupported gradient dtype ", grad.dtype, " in the CPU kernel");
+    }
+  } else {
+    double* out = static_cast<double*>(grad.data) + offset;
+    for (std::int64_t i = 0; i < n; ++i) out[i] = coef[i] * s;
+  }
+}
+
 /// One pass over the tokens with the objective rule Rule (Note [Objective
 /// rules]) and the token-block functions Tokens (EigenTokens or a
-/// dispatched instruction set's). Writes coef[r * cols + c] = w dl/dlogp
-/// (before the reduction's scale) when coef is not null.
+/// dispatched instruction set's). Writes the gradient to grad when
+/// grad.data is not null (Note [Gradient in the forward pass]).
 template <class Rule, class acc_t, class Tokens>
 ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
-                                        const core::ObjectiveParams<acc_t>& clip, acc_t* coef) {
+                                        const core::ObjectiveParams<acc_t>& clip,
+                                        const GradTarget& grad) {
   using Array = Eigen::Array<acc_t, Eigen::Dynamic, 1>;
-  const std::int64_t chunks_per_row = (a.cols + kChunk - 1) / kChunk;
-  const std::int64_t units = a.rows * chunks_per_row;
-  std::vector<UnitPartial> partials(static_cast<std::size_t>(units));
-  const std::int64_t grain = std::max<std::int64_t>(1, 16384 / kChunk);
+  const TokenUnits units = token_units(a.rows, a.cols);
+  std::vector<UnitPartial> partials(static_cast<std::size_t>(units.count));
 
-  at::parallel_for(0, units, grain, [&](std::int64_t begin, std::int64_t end) {
+  at::parallel_for(0, units.count, units.grain, [&](std::int64_t begin, std::int64_t end) {
     alignas(64) acc_t logp_buf[kBlock], old_buf[kBlock], adv_buf[kBlock], w_buf[kBlock];
-    alignas(64) acc_t ratio[kBlock], clamped[kBlock];
+    alignas(64) acc_t ratio[kBlock], clamped[kBlock], coef[kBlock];
+    acc_t* const coef_out = grad.data ? coef : nullptr;
     for (std::int64_t u = begin; u < end; ++u) {
-      const std::int64_t row = u / chunks_per_row;
-      const std::int64_t chunk_begin = (u % chunks_per_row) * kChunk;
+      const std::int64_t row = u / units.chunks_per_row;
+      const std::int64_t chunk_begin = (u % units.chunks_per_row) * kChunk;
       const std::int64_t chunk_end = std::min(a.cols, chunk_begin + kChunk);
+      const auto s = grad.data ? static_cast<acc_t>(grad.scale[row]) : acc_t(0);
       UnitPartial part;
       for (std::int64_t col = chunk_begin; col < chunk_end; col += kBlock) {
         const std::int64_t n = std::min(kBlock, chunk_end - col);
         // The block in acc_t; adv and w stay null where absent (A = 1, w = 1).
         const acc_t *logp, *old, *adv, *w;
-        acc_t* coef_out = coef ? coef + row * a.cols + col : nullptr;
         std::int64_t done = 0;
         if constexpr (std::is_same<acc_t, float>::value) {
           TokenBlock b;
@@ -143,7 +245,6 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
           b.adv = adv = Tokens::stage(a.advantages, row, col, n, adv_buf);
           b.w = w = Tokens::stage(a.mask, row, col, n, w_buf);
           done = Tokens::template block<Rule>(b, clip, a.check_finite, coef_out, part);
-          if (done == n) continue;
         } else {
           load(a.logp, row, col, n, logp_buf);
           load(a.old_logp, row, col, n, old_buf);
@@ -154,13 +255,14 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
           adv = a.advantages.data ? adv_buf : nullptr;
           w = a.mask.data ? w_buf : nullptr;
         }
-        // The scalar path: the clamped log-ratios, then their exp at once.
-        for (std::int64_t i = done; i < n; ++i) {
-          clamped[i] = core::clamp_log_ratio(logp[i] - old[i], clip.log_ratio_clamp);
+        if (done < n) {
+          // The scalar path: the clamped log-ratios, then their exp at once.
+          for (std::int64_t i = done; i < n; ++i) {
+            clamped[i] = core::clamp_log_ratio(logp[i] - old[i], clip.log_ratio_clamp);
+          }
+          Eigen::Map<Array>(ratio + done, n - done) =
+              Eigen::Map<const Array>(clamped + done, n - done).exp();
         }
-        Eigen::Map<Array>(ratio + done, n - done) =
-            Eigen::Map<const Array>(clamped + done, n - done).exp();
-
         for (std::int64_t i = done; i < n; ++i) {
           const acc_t wi = w ? w[i] : acc_t(1), ai = adv ? adv[i] : acc_t(1);
           if (wi == acc_t(0)) {
@@ -180,10 +282,10 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
                               core::log_ratio_in_range(logp[i] - old[i], clip.log_ratio_clamp), ai),
                           clip);
           part.loss += static_cast<double>(wi * t.loss);
-          part.tokens += static_cast<double>(wi);
           part.metrics.add(t, clamped[i], ratio[i], wi);
           if (coef_out) coef_out[i] = wi * t.grad;
         }
+        if (coef_out) store_gradient<Tokens>(coef, n, s, grad, row * a.cols + col);
       }
       partials[static_cast<std::size_t>(u)] = part;
     }
@@ -191,12 +293,9 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
 
   ForwardResult out;
   out.row_loss.assign(static_cast<std::size_t>(a.rows), 0.0);
-  out.row_tokens.assign(static_cast<std::size_t>(a.rows), 0.0);
-  for (std::int64_t u = 0; u < units; ++u) {
+  for (std::int64_t u = 0; u < units.count; ++u) {
     const UnitPartial& p = partials[static_cast<std::size_t>(u)];
-    const auto row = static_cast<std::size_t>(u / chunks_per_row);
-    out.row_loss[row] += p.loss;
-    out.row_tokens[row] += p.tokens;
+    out.row_loss[static_cast<std::size_t>(u / units.chunks_per_row)] += p.loss;
     out.metrics.merge(p.metrics);
     out.bad_logp |= p.bad_logp;
     out.bad_old |= p.bad_old;
@@ -210,43 +309,13 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
 /// capability in use (Note [Run-time ISA dispatch]); Eigen's for double.
 template <class Rule, class acc_t>
 ForwardResult clipped_loss_forward(const ForwardArgs& a, const core::ObjectiveParams<acc_t>& clip,
-                                   acc_t* coef) {
+                                   const GradTarget& grad) {
   if constexpr (std::is_same<acc_t, float>::value) {
     return with_tokens([&](auto tokens) {
-      return clipped_loss_forward_with<Rule, acc_t, decltype(tokens)>(a, clip, coef);
+      return clipped_loss_forward_with<Rule, acc_t, decltype(tokens)>(a, clip, grad);
     });
   } else {
-    return clipped_loss_forward_with<Rule, acc_t, EigenTokens>(a, clip, coef);
-  }
-}
-
-/// grad[r, c] = coef[r, c] * scale[r or 0] * grad_output, written in
-/// scalar_t; scale has one entry per row, or one for all rows. Parallel over
-/// the flat index so that a single long row still uses every thread.
-template <class scalar_t, class acc_t>
-void clipped_loss_backward(std::int64_t rows, std::int64_t cols, const acc_t* coef,
-                           const double* scale, bool scale_per_row, double grad_output,
-                           scalar_t* grad) {
-  const auto run = [&](auto tokens) {
-    at::parallel_for(0, rows * cols, 32768, [&](std::int64_t begin, std::int64_t end) {
-      std::int64_t i = begin;
-      while (i < end) {
-        const std::int64_t row = i / cols;
-        const std::int64_t row_end = std::min(end, (row + 1) * cols);
-        const acc_t s = static_cast<acc_t>(scale[scale_per_row ? row : 0] * grad_output);
-        if constexpr (std::is_same<acc_t, float>::value) {
-          decltype(tokens)::scale(coef + i, row_end - i, s, grad + i);
-          i = row_end;
-        } else {
-          for (; i < row_end; ++i) grad[i] = static_cast<scalar_t>(coef[i] * s);
-        }
-      }
-    });
-  };
-  if constexpr (std::is_same<acc_t, float>::value) {
-    with_tokens(run);
-  } else {
-    run(EigenTokens{});
+    return clipped_loss_forward_with<Rule, acc_t, EigenTokens>(a, clip, grad);
   }
 }
 

@@ -93,6 +93,7 @@ struct PacketLanes {
   exp(Value a) {
     return {ei_lanes::pexp(a.p)};
   }
+  static Value exp_bounded(Value a, Scalar /*bound*/) { return exp(a); }
   static Mask both(Mask a, Mask b) { return {ei_lanes::pand(a.p, b.p)}; }
   static Mask either(Mask a, Mask b) { return {ei_lanes::por(a.p, b.p)}; }
   static Mask negate(Mask a) { return {ei_lanes::pandnot(ei_lanes::ptrue(a.p), a.p)}; }
@@ -101,14 +102,13 @@ struct PacketLanes {
   ///@{
   /// What cpu::packet_block adds (Note [Packet path]): the lanes per
   /// packet, an unaligned load and store, and the sum, smallest and largest
-  /// lane, and whether any lane of a mask is set.
+  /// lane.
   static constexpr int kLanes = ei_lanes::unpacket_traits<Packet>::size;
   static Value load(const float* p) { return {ei_lanes::ploadu<Packet>(p)}; }
   static void store(float* p, Value v) { ei_lanes::pstoreu(p, v.p); }
   static float sum(Value v) { return ei_lanes::predux(v.p); }
   static float lowest(Value v) { return ei_lanes::predux_min(v.p); }
   static float highest(Value v) { return ei_lanes::predux_max(v.p); }
-  static bool any(Mask m) { return ei_lanes::predux_any(m.p); }
   ///@}
 };
 

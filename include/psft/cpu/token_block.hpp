@@ -51,7 +51,6 @@ constexpr std::int64_t kBlock = 256;
 /// Partial results of one unit.
 struct UnitPartial {
   double loss = 0;           ///< sum of w * l
-  double tokens = 0;         ///< sum of w
   core::MetricSums metrics;  ///< metric sums of the unit
   ///@{
   /// Whether a non-finite logp / old_logp / advantage or a bad mask weight
@@ -117,9 +116,22 @@ struct TokenBlock {
 // tokens (Note [Objective rules]) and sums the metrics of
 // core::MetricSums::add with selects, in float within the block and in
 // double across blocks. It is written once over Lanes, which adds to the
-// rule's lane operations kLanes, load, store, operator<=, and the lane
-// reductions sum, lowest, highest and any. A block with a value that fails
+// rule's lane operations kLanes, load, store, exp_bounded (e^x for
+// |x| <= bound) and the lane reductions sum, lowest and highest. A block with a value that fails
 // the finite check is left to the scalar path, which names the bad argument.
+//
+// Note [Finite probe]
+// The finite check costs a few lane operations per vector instead of a
+// comparison per input: x * 0 is NaN exactly where x is NaN or infinite,
+// so one sum of (masked log-ratio + masked advantage + weight) * 0 +
+// min(weight, 0) is non-zero only when an input the scalar check would
+// reject is in the block: the min term adds every negative weight, and
+// adds nothing else. The masked
+// log-ratio logp - old_logp carries both log-probabilities: it is
+// non-finite when either is. Finite inputs whose difference or sum
+// overflows also make the probe non-finite; such a block goes to the
+// scalar path too, which checks each input and computes it in full, so
+// the probe can only cost time, never a result.
 
 /// packet_block with the advantages read (kAdvantages) or A = 1 known at
 /// compile time, so that PSFT's blocks fold the rule's terms in A away.
@@ -137,11 +149,10 @@ std::int64_t packet_block_with(const TokenBlock& block,
   const Lanes o;
   const V zero = o.splat(0.f), one = o.splat(1.f);
   const V bound = o.splat(params.log_ratio_clamp), neg_bound = o.splat(-params.log_ratio_clamp);
-  const V inf = o.splat(__builtin_huge_valf()), neg_inf = o.splat(-__builtin_huge_valf());
-  const V largest = o.splat(std::numeric_limits<float>::max());
   V loss = zero, weight = zero, clipped_sum = zero, dual_sum = zero, high_sum = zero,
-    low_sum = zero, k1 = zero, k3 = zero, ratio_sum = zero, ratio_min = inf, ratio_max = neg_inf;
-  M bad = o.none();
+    low_sum = zero, k1 = zero, k3 = zero, ratio_sum = zero;
+  V ratio_min = o.splat(__builtin_huge_valf()), ratio_max = o.splat(-__builtin_huge_valf());
+  V probe = zero;  // Note [Finite probe]
   std::int64_t i = 0;
   for (; i + kLanes <= b.n; i += kLanes) {
     const V wi = b.w ? o.load(b.w + i) : one;
@@ -155,7 +166,7 @@ std::int64_t packet_block_with(const TokenBlock& block,
     // Strict bounds: Note [Gradient at the bounds].
     t.in_range = o.both(neg_bound < log_ratio, log_ratio < bound);
     const V d = o.select(valid, o.min(o.max(log_ratio, neg_bound), bound), zero);
-    const V r = o.exp(d);
+    const V r = o.exp_bounded(d, params.log_ratio_clamp);
     t.clamped = d;
     t.ratio = r;
     t.advantage = ai;
@@ -174,20 +185,16 @@ std::int64_t packet_block_with(const TokenBlock& block,
     k1 = k1 - wv * d;
     k3 = k3 + wv * ((r - one) - d);
     ratio_sum = ratio_sum + wv * r;
-    ratio_min = o.min(ratio_min, o.select(valid, r, inf));
-    ratio_max = o.max(ratio_max, o.select(valid, r, neg_inf));
+    ratio_min = o.min(ratio_min, o.select(valid, r, ratio_min));
+    ratio_max = o.max(ratio_max, o.select(valid, r, ratio_max));
     if (check_finite) {
-      // |x| <= FLT_MAX is false for NaN and Inf.
-      const M finite_inputs =
-          o.both(o.both(o.abs(li) <= largest, o.abs(oi) <= largest), o.abs(ai) <= largest);
-      const M good_weight = o.both(o.abs(wi) <= largest, zero <= wi);
-      bad = o.either(bad, o.either(o.both(valid, o.negate(finite_inputs)), o.negate(good_weight)));
+      const V inputs = kAdvantages ? t.log_ratio + o.select(valid, ai, zero) : t.log_ratio;
+      probe = probe + ((inputs + wi) * zero + o.min(wi, zero));
     }
   }
-  if (check_finite && o.any(bad)) return 0;
+  if (check_finite && o.sum(probe) != 0.f) return 0;
   const auto weight_sum = static_cast<double>(o.sum(weight));
   part.loss += static_cast<double>(o.sum(loss));
-  part.tokens += weight_sum;
   core::MetricSums& m = part.metrics;
   m.weight += weight_sum;
   m.clipped += static_cast<double>(o.sum(clipped_sum));

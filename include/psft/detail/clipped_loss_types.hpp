@@ -42,8 +42,13 @@ struct ClippedLossInputs {
 struct ClippedLossOutputs {
   at::Tensor loss;     ///< 0-d, float (double for fp64 logp)
   at::Tensor metrics;  ///< [core::kMetricCount] float64, MetricValues order
-  at::Tensor coef;     ///< logp's shape, accumulation dtype: w dl/dlogp; undefined without grad
-  at::Tensor scale;    ///< [rows] (per-row reductions) or [1]: the reduction's factor
+  /// Backends that write the gradient in backward: logp's shape,
+  /// accumulation dtype, w dl/dlogp; undefined without grad.
+  at::Tensor coef;
+  at::Tensor scale;  ///< with coef: [rows] (per-row reductions) or [1], the reduction's factor
+  /// Backends that write the gradient in forward (the fused CPU one): d loss /
+  /// d logp for grad_output 1, logp's shape and dtype; undefined without grad.
+  at::Tensor grad;
   /// 0-d float64: sum(w l) / sum(w), the mask-weighted mean per-token loss
   /// (0 without tokens); the KL penalty's kl_mean.
   at::Tensor token_loss_mean;
