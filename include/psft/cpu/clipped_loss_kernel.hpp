@@ -109,10 +109,15 @@ struct GradTarget {
 // The reduction's factors depend only on the token counts, so a first,
 // cheap pass counts each row's tokens (it reads the mask alone, and is
 // skipped without one); the forward pass then writes the gradient
-// coef * factor in logp's dtype while the block is in cache, as
+// (w dl/dlogp) * factor in logp's dtype while the block is in cache, as
 // ClippedLossFunction's backward would for grad_output 1, and backward
-// only hands it on (scaled where grad_output is not 1). This saves the
-// coefficient buffer (4 bytes per token) and the backward pass over it.
+// only hands it on (scaled where grad_output is not 1). A float or double
+// gradient is written in place by the vector loop; a bf16 or fp16 one goes
+// through a block of float and is narrowed. This saves the coefficient
+// buffer (4 bytes per token) and the backward pass over it. Where
+// grad_output is not 1, a bf16 or fp16 gradient is rounded twice (the
+// product with the factor, then with grad_output); a power-of-two
+// grad_output, such as 1 / accumulation steps of 2, 4 or 8, is exact.
 
 /// What the forward kernel produces.
 struct ForwardResult {
@@ -188,25 +193,19 @@ std::vector<double> row_token_counts(const ForwardArgs& a) {
   return out;
 }
 
-/// out[i] = coef[i] * s in grad's dtype from element `offset` on, with the
-/// token-block functions Tokens (float coefficients) or one by one (double).
-template <class Tokens, class acc_t>
-void store_gradient(const acc_t* coef, std::int64_t n, acc_t s, const GradTarget& grad,
+/// grad[offset + i] = coef[i] for i < n, narrowed to grad's dtype (bf16 or
+/// fp16; a float or double gradient is written in place by the pass) with
+/// the token-block functions Tokens.
+template <class Tokens>
+void store_gradient(const float* coef, std::int64_t n, const GradTarget& grad,
                     std::int64_t offset) {
-  if constexpr (std::is_same<acc_t, float>::value) {
-    switch (grad.dtype) {
-      case c10::ScalarType::Float:
-        return Tokens::scale(coef, n, s, static_cast<float*>(grad.data) + offset);
-      case c10::ScalarType::BFloat16:
-        return Tokens::scale(coef, n, s, static_cast<c10::BFloat16*>(grad.data) + offset);
-      case c10::ScalarType::Half:
-        return Tokens::scale(coef, n, s, static_cast<c10::Half*>(grad.data) + offset);
-      default:
-        TORCH_CHECK(false, "psft: unsupported gradient dtype ", grad.dtype, " in the CPU kernel");
-    }
-  } else {
-    double* out = static_cast<double*>(grad.data) + offset;
-    for (std::int64_t i = 0; i < n; ++i) out[i] = coef[i] * s;
+  switch (grad.dtype) {
+    case c10::ScalarType::BFloat16:
+      return Tokens::scale(coef, n, 1.f, static_cast<c10::BFloat16*>(grad.data) + offset);
+    case c10::ScalarType::Half:
+      return Tokens::scale(coef, n, 1.f, static_cast<c10::Half*>(grad.data) + offset);
+    default:
+      TORCH_CHECK(false, "psft: unsupported gradient dtype ", grad.dtype, " in the CPU kernel");
   }
 }
 
@@ -225,7 +224,8 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
   at::parallel_for(0, units.count, units.grain, [&](std::int64_t begin, std::int64_t end) {
     alignas(64) acc_t logp_buf[kBlock], old_buf[kBlock], adv_buf[kBlock], w_buf[kBlock];
     alignas(64) acc_t ratio[kBlock], clamped[kBlock], coef[kBlock];
-    acc_t* const coef_out = grad.data ? coef : nullptr;
+    // A gradient in acc_t is written in place; bf16 and fp16 go through coef.
+    const bool in_place = grad.data && grad.dtype == c10::CppTypeToScalarType<acc_t>::value;
     for (std::int64_t u = begin; u < end; ++u) {
       const std::int64_t row = u / units.chunks_per_row;
       const std::int64_t chunk_begin = (u % units.chunks_per_row) * kChunk;
@@ -236,6 +236,9 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
         const std::int64_t n = std::min(kBlock, chunk_end - col);
         // The block in acc_t; adv and w stay null where absent (A = 1, w = 1).
         const acc_t *logp, *old, *adv, *w;
+        acc_t* const coef_out = !grad.data ? nullptr
+                                : in_place ? static_cast<acc_t*>(grad.data) + row * a.cols + col
+                                           : coef;
         std::int64_t done = 0;
         if constexpr (std::is_same<acc_t, float>::value) {
           TokenBlock b;
@@ -244,6 +247,7 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
           b.old = old = Tokens::stage(a.old_logp, row, col, n, old_buf);
           b.adv = adv = Tokens::stage(a.advantages, row, col, n, adv_buf);
           b.w = w = Tokens::stage(a.mask, row, col, n, w_buf);
+          b.grad_scale = s;
           done = Tokens::template block<Rule>(b, clip, a.check_finite, coef_out, part);
         } else {
           load(a.logp, row, col, n, logp_buf);
@@ -283,9 +287,11 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
                           clip);
           part.loss += static_cast<double>(wi * t.loss);
           part.metrics.add(t, clamped[i], ratio[i], wi);
-          if (coef_out) coef_out[i] = wi * t.grad;
+          if (coef_out) coef_out[i] = wi * t.grad * s;
         }
-        if (coef_out) store_gradient<Tokens>(coef, n, s, grad, row * a.cols + col);
+        if constexpr (std::is_same<acc_t, float>::value) {
+          if (grad.data && !in_place) store_gradient<Tokens>(coef, n, grad, row * a.cols + col);
+        }
       }
       partials[static_cast<std::size_t>(u)] = part;
     }

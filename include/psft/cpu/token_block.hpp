@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -106,6 +107,7 @@ struct TokenBlock {
   const float* old = nullptr;   ///< old (or reference) log-probabilities
   const float* adv = nullptr;   ///< advantages; nullptr: A = 1
   const float* w = nullptr;     ///< mask weights; nullptr: w = 1
+  float grad_scale = 1.f;       ///< coef_out[i] = w dl/dlogp * grad_scale
 };
 
 // Note [Packet path]
@@ -121,12 +123,11 @@ struct TokenBlock {
 // the finite check is left to the scalar path, which names the bad argument.
 //
 // Note [Finite probe]
-// The finite check costs a few lane operations per vector instead of a
-// comparison per input: x * 0 is NaN exactly where x is NaN or infinite,
-// so one sum of (masked log-ratio + masked advantage + weight) * 0 +
-// min(weight, 0) is non-zero only when an input the scalar check would
-// reject is in the block: the min term adds every negative weight, and
-// adds nothing else. The masked
+// The finite check costs two lane operations per vector instead of a
+// comparison per input: one running sum of masked log-ratio + masked
+// advantage + weight, which is finite only if each of them is (a NaN or
+// an infinity reaches the sum, inf - inf included), and one running
+// minimum of the weights, negative only where a weight is. The masked
 // log-ratio logp - old_logp carries both log-probabilities: it is
 // non-finite when either is. Finite inputs whose difference or sum
 // overflows also make the probe non-finite; such a block goes to the
@@ -152,7 +153,8 @@ std::int64_t packet_block_with(const TokenBlock& block,
   V loss = zero, weight = zero, clipped_sum = zero, dual_sum = zero, high_sum = zero,
     low_sum = zero, k1 = zero, k3 = zero, ratio_sum = zero;
   V ratio_min = o.splat(__builtin_huge_valf()), ratio_max = o.splat(-__builtin_huge_valf());
-  V probe = zero;  // Note [Finite probe]
+  V probe = zero, lowest_weight = zero;  // Note [Finite probe]
+  const V grad_scale = o.splat(b.grad_scale);
   std::int64_t i = 0;
   for (; i + kLanes <= b.n; i += kLanes) {
     const V wi = b.w ? o.load(b.w + i) : one;
@@ -173,26 +175,30 @@ std::int64_t packet_block_with(const TokenBlock& block,
     t.logp = o.select(valid, li, zero);
     const core::TokenTerms<Lanes> terms = Rule::terms(o, t, params);
     if (coef_out) {
-      o.store(coef_out + i, o.select(o.both(terms.trusted, valid), wi * terms.grad, zero));
+      o.store(coef_out + i,
+              o.select(o.both(terms.trusted, valid), wi * terms.grad * grad_scale, zero));
     }
+    // Sums in the form select(m, sum + x, sum): one masked instruction
+    // where the instruction set has masks.
     const V wv = o.select(valid, wi, zero);
-    loss = loss + o.select(valid, wi * terms.loss, zero);
+    loss = o.select(valid, loss + wi * terms.loss, loss);
     weight = weight + wv;
-    clipped_sum = clipped_sum + o.select(terms.clipped, wv, zero);
-    dual_sum = dual_sum + o.select(terms.clipped_dual, wv, zero);
-    high_sum = high_sum + o.select(terms.clipped_high, wv, zero);
-    low_sum = low_sum + o.select(terms.clipped_low, wv, zero);
+    clipped_sum = o.select(terms.clipped, clipped_sum + wv, clipped_sum);
+    dual_sum = o.select(terms.clipped_dual, dual_sum + wv, dual_sum);
+    high_sum = o.select(terms.clipped_high, high_sum + wv, high_sum);
+    low_sum = o.select(terms.clipped_low, low_sum + wv, low_sum);
     k1 = k1 - wv * d;
     k3 = k3 + wv * ((r - one) - d);
     ratio_sum = ratio_sum + wv * r;
-    ratio_min = o.min(ratio_min, o.select(valid, r, ratio_min));
-    ratio_max = o.max(ratio_max, o.select(valid, r, ratio_max));
+    ratio_min = o.select(valid, o.min(ratio_min, r), ratio_min);
+    ratio_max = o.select(valid, o.max(ratio_max, r), ratio_max);
     if (check_finite) {
       const V inputs = kAdvantages ? t.log_ratio + o.select(valid, ai, zero) : t.log_ratio;
-      probe = probe + ((inputs + wi) * zero + o.min(wi, zero));
+      probe = probe + (inputs + wi);
+      lowest_weight = o.min(lowest_weight, wi);
     }
   }
-  if (check_finite && o.sum(probe) != 0.f) return 0;
+  if (check_finite && !(std::isfinite(o.sum(probe)) && o.lowest(lowest_weight) >= 0.f)) return 0;
   const auto weight_sum = static_cast<double>(o.sum(weight));
   part.loss += static_cast<double>(o.sum(loss));
   core::MetricSums& m = part.metrics;
@@ -211,7 +217,7 @@ std::int64_t packet_block_with(const TokenBlock& block,
 
 /// Handles the leading whole vectors of block b with Rule on Lanes; returns
 /// how many tokens it handled (0: the caller's scalar loop does the block).
-/// Writes coef_out[i] = w dl/dlogp when coef_out is not null.
+/// Writes coef_out[i] = w dl/dlogp * b.grad_scale when coef_out is not null.
 template <class Rule, class Lanes>
 std::int64_t packet_block(const TokenBlock& b, const core::ObjectiveParams<float>& params,
                           bool check_finite, float* coef_out, UnitPartial& part) {
