@@ -1,8 +1,8 @@
 #pragma once
 /// \file
-/// Fused CPU kernels of the clipped objective on raw strided pointers: one
-/// pass computes the loss, the metrics and the per-token gradient
-/// coefficient; one pass turns the coefficients into the gradient.
+/// Fused CPU kernel of the clipped objective on raw strided pointers: a
+/// pass over the mask counts each row's tokens, then one pass computes the
+/// loss, the metrics and the gradient.
 
 #include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>

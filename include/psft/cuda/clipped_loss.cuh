@@ -316,8 +316,9 @@ __device__ inline double fma_of(double a, double b, double c) { return fma(a, b,
 /// Flags of bad unmasked values (bits of Partial::flags).
 enum : unsigned int { kBadOld = 1u, kBadAdvantage = 2u, kBadMask = 4u, kBadLogp = 8u };
 
-/// Sums of a unit, a row or the batch (mirror of cpu::UnitPartial, plus the
-/// two per-row values the batch needs: non-empty rows and the rows' loss
+/// Sums of a unit, a row or the batch (cpu::UnitPartial's, plus the token
+/// count, which the CPU kernel takes in a pass of its own, and the two
+/// per-row values the batch needs: non-empty rows and the rows' loss
 /// weighted by core::row_factor).
 struct Partial {
   double loss;
