@@ -697,6 +697,41 @@ TEST_CASE("the gradient flows to logp only; metrics are not differentiable",
   for (const Tensor& m : metrics) CHECK_FALSE(m.requires_grad());
 }
 
+TEST_CASE(
+    "the gradient written in the forward pass: scaled by grad_output, unchanged by a second "
+    "backward and by accumulation into logp.grad",
+    "[policy_loss][autograd]") {
+  // The fused CPU backend saves d loss / d logp for grad_output 1 and hands
+  // it on (Note [Gradient in the forward pass]); the composed one runs a
+  // backward pass. Both must scale by grad_output and leave the saved
+  // gradient intact for a retained graph.
+  const psft::Backend backend = GENERATE(psft::Backend::FusedCpu, psft::Backend::Composed);
+  const torch::Dtype dtype = GENERATE(torch::kDouble, torch::kFloat, torch::kBFloat16);
+  BACKEND_INFO(backend);
+  INFO("dtype " << dtype);
+  Draw d;
+  d.seed = 5;
+  d.cols = 300;  // whole vectors and a tail
+  d.logp_dtype = d.old_dtype = d.adv_dtype = dtype;
+  const Inputs in = draw(d);
+  const psft::LossOptions o = options(backend, psft::Reduction::SeqMeanTokenMean, 3.0);
+  const std::vector<double> ref = run_reference(in, o).grad;
+  const double tol = dtype == torch::kDouble ? 1e-12 : dtype == torch::kFloat ? 1e-5 : 1e-2;
+  std::vector<double> scaled(ref), doubled(ref);
+  for (double& v : scaled) v *= -0.3;
+  for (double& v : doubled) v *= 2.0;
+
+  const psft::LossResult r = call(in, o);
+  CHECK(count_mismatches(grad_of(r.loss * -0.3, in.logp), scaled, tol, tol * 1e-3) == 0);
+  CHECK(count_mismatches(grad_of(r.loss, in.logp), ref, tol, tol * 1e-3) == 0);
+  // Two backward passes through the retained graph accumulate 2x into the
+  // leaf's .grad; the saved gradient itself stays what it was.
+  r.loss.backward({}, /*retain_graph=*/true);
+  r.loss.backward({}, /*retain_graph=*/true);
+  CHECK(count_mismatches(in.logp.grad(), doubled, tol, tol * 1e-3) == 0);
+  CHECK(count_mismatches(grad_of(r.loss, in.logp), ref, tol, tol * 1e-3) == 0);
+}
+
 // ---------------------------------------------------------------------------
 // Micro-batches, gradient accumulation and data parallelism
 
