@@ -130,18 +130,32 @@ struct ForwardResult {
   ///@}
 };
 
+/// One work unit: columns [begin, end) of row `row`.
+struct TokenUnit {
+  std::int64_t row;    ///< the row
+  std::int64_t begin;  ///< its first column
+  std::int64_t end;    ///< one past its last column
+};
+
 /// The work units of the [rows, cols] token grid: rows cut into chunks of
 /// kChunk tokens (Note [Deterministic reduction]).
 struct TokenUnits {
+  std::int64_t cols;            ///< tokens in a row
   std::int64_t chunks_per_row;  ///< chunks in a row
   std::int64_t count;           ///< units in all
   std::int64_t grain;           ///< units per at::parallel_for task
+
+  /// Unit u (units are numbered row by row, chunk by chunk).
+  TokenUnit unit(std::int64_t u) const {
+    const std::int64_t begin = (u % chunks_per_row) * kChunk;
+    return {u / chunks_per_row, begin, std::min(cols, begin + kChunk)};
+  }
 };
 
 /// The units of a [rows, cols] grid.
 inline TokenUnits token_units(std::int64_t rows, std::int64_t cols) {
   const std::int64_t chunks_per_row = (cols + kChunk - 1) / kChunk;
-  return {chunks_per_row, rows * chunks_per_row, std::max<std::int64_t>(1, 16384 / kChunk)};
+  return {cols, chunks_per_row, rows * chunks_per_row, std::max<std::int64_t>(1, 16384 / kChunk)};
 }
 
 /// sum_t w per row in acc_t's weights, summed in double per unit in column
@@ -156,9 +170,7 @@ std::vector<double> row_token_counts(const ForwardArgs& a) {
   at::parallel_for(0, units.count, units.grain, [&](std::int64_t begin, std::int64_t end) {
     alignas(64) acc_t w[kBlock];
     for (std::int64_t u = begin; u < end; ++u) {
-      const std::int64_t row = u / units.chunks_per_row;
-      const std::int64_t chunk_begin = (u % units.chunks_per_row) * kChunk;
-      const std::int64_t chunk_end = std::min(a.cols, chunk_begin + kChunk);
+      const auto [row, chunk_begin, chunk_end] = units.unit(u);
       double sum = 0;
       if (a.mask.dtype == c10::ScalarType::Bool) {
         // 0 / 1 bytes: an exact integer count, which vectorises (32-bit lanes).
@@ -227,9 +239,7 @@ ForwardResult clipped_loss_forward_with(const ForwardArgs& a,
     // A gradient in acc_t is written in place; bf16 and fp16 go through coef.
     const bool in_place = grad.data && grad.dtype == c10::CppTypeToScalarType<acc_t>::value;
     for (std::int64_t u = begin; u < end; ++u) {
-      const std::int64_t row = u / units.chunks_per_row;
-      const std::int64_t chunk_begin = (u % units.chunks_per_row) * kChunk;
-      const std::int64_t chunk_end = std::min(a.cols, chunk_begin + kChunk);
+      const auto [row, chunk_begin, chunk_end] = units.unit(u);
       const auto s = grad.data ? static_cast<acc_t>(grad.scale[row]) : acc_t(0);
       UnitPartial part;
       for (std::int64_t col = chunk_begin; col < chunk_end; col += kBlock) {
